@@ -1,0 +1,589 @@
+"""Forward operators and pre-inverses of ``y = A x + sigma e`` (paper Sec. 1, App. C).
+
+Every map acts on batches of images ``(n, C, H, W)`` and is size-agnostic unless it carries
+a mask. A :class:`LinearMap` knows how to apply itself (``A``), its adjoint, its dense
+matrix (tiny sizes, for tests), and its *structure*, the fact the estimators exploit:
+
+=============  ==========================================  =========================
+``structure``  meaning                                     accessor
+=============  ==========================================  =========================
+``identity``   ``x -> x``                                  none
+``diagonal``   pixel-wise product by a fixed image         :meth:`Diagonal.diagonal`
+``circulant``  circular convolution, same for each channel :meth:`Circulant.transfer`
+``general``    anything else; ``period`` gives the shifts  none
+               the map commutes with (``B Bᵀ`` for
+               super-resolution is ``s``-periodic)
+=============  ==========================================  =========================
+
+A :class:`ForwardOperator` adds the exact Moore-Penrose pseudo-inverse ``pinv``, the
+Tikhonov inverse ``tikhonov(y, lam) = (AᵀA + lam I)⁻¹ Aᵀ y`` and ``measure``.
+:func:`preinverse` turns an operator into the pre-inverse ``B`` the estimators take.
+
+Circulant transfer functions are computed in float64 and cast to the input's precision.
+The pseudo-inverse of a transfer function ``h`` keeps the frequencies with
+``|h| > rcond * max|h|``; the default ``rcond = D * eps(float64)`` (``D`` the number of
+pixels of one channel) is the default of ``torch.linalg.pinv`` on the dense matrix, so
+``pinv`` is the exact Moore-Penrose inverse of the float64 matrix, as in the paper (App. C).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+Shape = tuple[int, int, int]
+_EPS64 = torch.finfo(torch.float64).eps
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_batch(x: torch.Tensor, name: str, shape: Shape | None = None) -> torch.Tensor:
+    """Check that ``x`` is a float tensor ``(n, C, H, W)``, optionally of image ``shape``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (n, C, H, W), got {type(x)}")
+    if x.ndim != 4:
+        raise ValueError(f"{name} must have shape (n, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+        raise ValueError(
+            f"{name} has image shape {tuple(x.shape[1:])}, expected (C, H, W) = {tuple(shape)}"
+        )
+    return x
+
+
+def _check_positive(value: float, name: str) -> float:
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_shape(shape, name: str = "shape") -> Shape:
+    """Normalise an image shape given as ``(H, W)`` or ``(C, H, W)``."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3 or min(shape) <= 0:
+        raise ValueError(f"{name} must be (H, W) or (C, H, W) with positive sizes, got {shape}")
+    return shape
+
+
+def _complex(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
+# ------------------------------------------------------------------------- base class
+
+
+class LinearMap:
+    """A linear map between batches of images; see the module docstring."""
+
+    structure = "general"
+    period: tuple[int, int] | None = None
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        """Image shape ``(C', H', W')`` of ``A x`` for ``x`` of image shape ``in_shape``."""
+        return tuple(in_shape)
+
+    def input_shape(self, out_shape: Shape) -> Shape:
+        """Image shape ``(C, H, W)`` of ``Aᵀ y`` for ``y`` of image shape ``out_shape``."""
+        return tuple(out_shape)
+
+    def A(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the map to a batch ``x`` of shape ``(n, C, H, W)``."""
+        raise NotImplementedError
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """Apply the adjoint (transpose) to a batch ``y`` of shape ``(n, C', H', W')``."""
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.A(x)
+
+    def to(self, device=None, dtype=None) -> LinearMap:
+        """Copy with tensors moved to ``device`` / ``dtype`` (maps without tensors: self)."""
+        return self
+
+    def matrix(self, in_shape, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Dense matrix ``(M, D)`` acting on flattened images of shape ``in_shape`` (tiny)."""
+        in_shape = _check_shape(in_shape, "in_shape")
+        d = math.prod(in_shape)
+        basis = torch.eye(d, dtype=dtype).reshape(d, *in_shape)
+        return self.A(basis).reshape(d, -1).T.contiguous()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ForwardOperator(LinearMap):
+    """A forward operator ``A``: adds ``pinv``, ``tikhonov`` and ``measure``."""
+
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
+        """Exact Moore-Penrose pseudo-inverse ``A⁺ y``."""
+        raise NotImplementedError
+
+    def tikhonov(self, y: torch.Tensor, lam: float) -> torch.Tensor:
+        """``(AᵀA + lam I)⁻¹ Aᵀ y`` for ``lam > 0``."""
+        raise NotImplementedError
+
+    def measure(
+        self, x: torch.Tensor, sigma: float, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Draw ``y = A x + sigma e`` with ``e`` standard Gaussian on every output pixel."""
+        sigma = _check_positive(sigma, "sigma")
+        ax = self.A(x)
+        noise = torch.randn(ax.shape, generator=generator, dtype=ax.dtype, device=ax.device)
+        return ax + sigma * noise
+
+
+# ------------------------------------------------------------------------- identity
+
+
+class Identity(LinearMap):
+    """The identity map (the physics-agnostic pre-inverse ``B = I``)."""
+
+    structure = "identity"
+    period = (1, 1)
+
+    def A(self, x):
+        return _check_batch(x, "x")
+
+    def adjoint(self, y):
+        return _check_batch(y, "y")
+
+
+class Denoising(Identity, ForwardOperator):
+    """Denoising, ``A = I``."""
+
+    def pinv(self, y):
+        return _check_batch(y, "y")
+
+    def tikhonov(self, y, lam):
+        lam = _check_positive(lam, "lam")
+        return _check_batch(y, "y") / (1.0 + lam)
+
+
+# ------------------------------------------------------------------------- diagonal
+
+
+class Diagonal(LinearMap):
+    """Pixel-wise product ``x -> d ⊙ x`` by a fixed image ``d`` broadcastable to ``(C, H, W)``."""
+
+    structure = "diagonal"
+
+    def __init__(self, d: torch.Tensor):
+        if not isinstance(d, torch.Tensor):
+            d = torch.as_tensor(d)
+        if d.ndim == 2:
+            d = d[None]
+        if d.ndim != 3 or min(d.shape) == 0:
+            raise ValueError(f"d must have shape (H, W) or (C, H, W), got {tuple(d.shape)}")
+        if not torch.isfinite(d.double()).all():
+            raise ValueError("d must be finite")
+        self.d = d.to(torch.float64)  # cast to the input's precision at application
+
+    def diagonal(self, in_shape: Shape) -> torch.Tensor:
+        """The diagonal as a full image of shape ``in_shape``."""
+        in_shape = _check_shape(in_shape, "in_shape")
+        self._check_size(in_shape, "in_shape")
+        return self.d.expand(in_shape)
+
+    def _check_size(self, shape, name):
+        if any(d != 1 and d != s for d, s in zip(self.d.shape, shape[-3:], strict=True)):
+            raise ValueError(
+                f"{name} has image shape {tuple(shape)}, but the mask/diagonal has shape "
+                f"{tuple(self.d.shape)}: sizes must match (a size of 1 broadcasts)"
+            )
+
+    def A(self, x):
+        _check_batch(x, "x")
+        self._check_size(x.shape[1:], "x")
+        return x * self.d.to(device=x.device, dtype=x.dtype)
+
+    def adjoint(self, y):
+        _check_batch(y, "y")
+        self._check_size(y.shape[1:], "y")
+        return y * self.d.to(device=y.device, dtype=y.dtype)
+
+    def to(self, device=None, dtype=None):
+        moved = type(self)(self.d.to(device=device))
+        moved.d = moved.d.to(dtype=dtype or moved.d.dtype)
+        return moved
+
+    def __repr__(self):
+        return f"{type(self).__name__}(shape={tuple(self.d.shape)})"
+
+
+class Inpainting(Diagonal, ForwardOperator):
+    """Inpainting ``A x = m ⊙ x`` with a 0/1 mask ``m`` (1 = observed); ``A`` is a projector.
+
+    The measurement keeps the image size (missing pixels read 0 before noise), so
+    ``Aᵀ = A⁺ = A`` and ``tikhonov(y, lam) = m ⊙ y / (1 + lam)``.
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__(mask)
+        if not ((self.d == 0) | (self.d == 1)).all():
+            raise ValueError("mask must contain only 0 and 1 (1 = observed pixel)")
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The 0/1 mask, shape ``(C or 1, H, W)``."""
+        return self.d
+
+    @classmethod
+    def center(cls, shape, box: int) -> Inpainting:
+        """Mask out a centred ``box × box`` square (paper: 15 × 15) of images of ``shape``."""
+        c, h, w = _check_shape(shape)
+        if not isinstance(box, int) or box <= 0:
+            raise ValueError(f"box must be a positive int, got {box!r}")
+        if box > min(h, w):
+            raise ValueError(f"box={box} is larger than the image size {h}×{w}")
+        mask = torch.ones(1, h, w)
+        top, left = (h - box) // 2, (w - box) // 2
+        mask[:, top : top + box, left : left + box] = 0
+        return cls(mask)
+
+    @classmethod
+    def random(cls, shape, fraction: float, seed: int = 0) -> Inpainting:
+        """Mask out a random ``fraction`` of the pixels (same pixels in every channel)."""
+        c, h, w = _check_shape(shape)
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction (of missing pixels) must be in (0, 1), got {fraction!r}")
+        gen = torch.Generator().manual_seed(seed)
+        n_missing = round(fraction * h * w)
+        order = torch.randperm(h * w, generator=gen)
+        mask = torch.ones(h * w)
+        mask[order[:n_missing]] = 0
+        return cls(mask.reshape(1, h, w))
+
+    def pinv(self, y):
+        return self.adjoint(y)
+
+    def tikhonov(self, y, lam):
+        lam = _check_positive(lam, "lam")
+        return self.adjoint(y) / (1.0 + lam)
+
+
+# ------------------------------------------------------------------------- circulant
+
+
+def _pinv_transfer(h: torch.Tensor, rcond: float | None) -> torch.Tensor:
+    """Moore-Penrose inverse of a transfer function with a relative singular-value cut."""
+    mag = h.abs()
+    if rcond is None:
+        rcond = h.numel() * _EPS64
+    keep = mag > rcond * mag.max()
+    return torch.where(keep, 1.0 / torch.where(keep, h, torch.ones_like(h)), torch.zeros_like(h))
+
+
+class Circulant(LinearMap):
+    """Circular convolution given by a transfer function ``(H, W) -> complex128 (H, W)``.
+
+    The same transfer function applies to every channel; ``period = (1, 1)``.
+    """
+
+    structure = "circulant"
+    period = (1, 1)
+
+    def __init__(self, transfer_fn: Callable[[int, int], torch.Tensor], name: str = "Circulant"):
+        self._transfer_fn = transfer_fn
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+        self.name = name
+
+    def transfer(self, h: int, w: int) -> torch.Tensor:
+        """Complex128 transfer function (2-D DFT of the kernel) on an ``h × w`` grid."""
+        key = (int(h), int(w))
+        if key not in self._cache:
+            self._cache[key] = self._transfer_fn(*key).to(torch.complex128)
+        return self._cache[key]
+
+    def _apply(self, x: torch.Tensor, transfer: torch.Tensor) -> torch.Tensor:
+        t = transfer.to(device=x.device, dtype=_complex(x.dtype))
+        return torch.fft.ifft2(torch.fft.fft2(x) * t).real
+
+    def A(self, x):
+        _check_batch(x, "x")
+        return self._apply(x, self.transfer(*x.shape[-2:]))
+
+    def adjoint(self, y):
+        _check_batch(y, "y")
+        return self._apply(y, self.transfer(*y.shape[-2:]).conj())
+
+    def __repr__(self):
+        return self.name
+
+
+class Blur(Circulant, ForwardOperator):
+    """Circular convolution by a small odd-sized 2-D ``kernel`` centred on its middle element.
+
+    ``(A x)[n] = Σ_o kernel[c + o] x[n - o]`` with ``c`` the middle index; the same kernel for
+    every channel. ``pinv`` uses :func:`_pinv_transfer` with relative cut ``rcond``.
+    """
+
+    def __init__(self, kernel: torch.Tensor, rcond: float | None = None):
+        kernel = torch.as_tensor(kernel, dtype=torch.float64)
+        if kernel.ndim != 2:
+            raise ValueError(f"kernel must be 2-D (kh, kw), got shape {tuple(kernel.shape)}")
+        if kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
+            raise ValueError(f"kernel sizes must be odd, got {tuple(kernel.shape)}")
+        if not torch.isfinite(kernel).all():
+            raise ValueError("kernel must be finite")
+        if rcond is not None and not 0 <= rcond < 1:
+            raise ValueError(f"rcond must be in [0, 1), got {rcond!r}")
+        self.kernel = kernel
+        self.rcond = rcond
+        super().__init__(self._kernel_transfer, name=f"Blur(kernel {tuple(kernel.shape)})")
+
+    def _kernel_transfer(self, h: int, w: int) -> torch.Tensor:
+        kh, kw = self.kernel.shape
+        if kh > h or kw > w:
+            raise ValueError(f"kernel of size {kh}×{kw} is larger than the image size {h}×{w}")
+        full = torch.zeros(h, w, dtype=torch.float64)
+        full[:kh, :kw] = self.kernel
+        full = torch.roll(full, shifts=(-(kh // 2), -(kw // 2)), dims=(0, 1))
+        return torch.fft.fft2(full)
+
+    @classmethod
+    def gaussian(cls, std: float, size: int | None = None, rcond: float | None = None) -> Blur:
+        """Isotropic Gaussian kernel of standard deviation ``std`` (paper: 1.0), sum 1.
+
+        ``size`` (odd) defaults to ``2 ceil(3 std) + 1``.
+        """
+        std = _check_positive(std, "std")
+        size = 2 * math.ceil(3 * std) + 1 if size is None else size
+        if not isinstance(size, int) or size <= 0 or size % 2 == 0:
+            raise ValueError(f"size must be a positive odd int, got {size!r}")
+        t = torch.arange(size, dtype=torch.float64) - size // 2
+        g = torch.exp(-(t**2) / (2 * std**2))
+        kernel = torch.outer(g, g)
+        return cls(kernel / kernel.sum(), rcond=rcond)
+
+    @classmethod
+    def defocus(cls, radius: float, rcond: float | None = None) -> Blur:
+        """Uniform disk kernel ``{‖o‖ ≤ radius}`` (defocus blur), sum 1."""
+        radius = _check_positive(radius, "radius")
+        size = 2 * math.floor(radius) + 1
+        t = torch.arange(size, dtype=torch.float64) - size // 2
+        disk = ((t[:, None] ** 2 + t[None, :] ** 2) <= radius**2).double()
+        return cls(disk / disk.sum(), rcond=rcond)
+
+    def pinv(self, y):
+        _check_batch(y, "y")
+        return self._apply(y, _pinv_transfer(self.transfer(*y.shape[-2:]), self.rcond).conj())
+
+    def pinv_transfer(self, h: int, w: int) -> torch.Tensor:
+        """Transfer function of ``A⁺``."""
+        return _pinv_transfer(self.transfer(h, w), self.rcond).conj()
+
+    def tikhonov_transfer(self, h: int, w: int, lam: float) -> torch.Tensor:
+        """Transfer function of ``(AᵀA + lam I)⁻¹ Aᵀ``."""
+        t = self.transfer(h, w)
+        return t.conj() / (t.abs() ** 2 + lam)
+
+    def tikhonov(self, y, lam):
+        lam = _check_positive(lam, "lam")
+        _check_batch(y, "y")
+        return self._apply(y, self.tikhonov_transfer(*y.shape[-2:], lam))
+
+    def to(self, device=None, dtype=None):
+        return self  # transfer functions are cast at application time
+
+
+# ---------------------------------------------------------------------- downsampling
+
+
+class Downsampling(ForwardOperator):
+    """Super-resolution: ``A = S K``, circular anti-aliasing ``K`` then decimation ``S`` by s.
+
+    ``antialias="box"``: ``(A x)[i, j]`` is the mean of the ``s × s`` block starting at
+    ``(s i, s j)``. ``antialias="gaussian"``: Gaussian blur of std ``std`` (default ``s / 2``)
+    centred on the kept pixel ``(s i, s j)``. ``A Aᵀ`` is circulant on the low-resolution
+    grid, which gives ``pinv = Aᵀ (A Aᵀ)⁺`` and ``tikhonov = Aᵀ (A Aᵀ + lam I)⁻¹`` exactly.
+    ``period = (s, s)``: the operator commutes with shifts by multiples of ``s``.
+    """
+
+    def __init__(
+        self,
+        factor: int,
+        antialias: str = "box",
+        std: float | None = None,
+        rcond: float | None = None,
+    ):
+        if not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"factor must be an int >= 1, got {factor!r}")
+        if antialias not in ("box", "gaussian"):
+            raise ValueError(f"antialias must be 'box' or 'gaussian', got {antialias!r}")
+        self.factor = factor
+        self.antialias = antialias
+        self.std = _check_positive(std if std is not None else factor / 2, "std")
+        self.rcond = rcond
+        self.period = (factor, factor)
+        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __repr__(self):
+        return f"Downsampling(factor={self.factor}, antialias={self.antialias!r})"
+
+    def output_shape(self, in_shape):
+        c, h, w = in_shape
+        self._check_divisible(h, w, "x")
+        return (c, h // self.factor, w // self.factor)
+
+    def input_shape(self, out_shape):
+        c, h, w = out_shape
+        return (c, h * self.factor, w * self.factor)
+
+    def _check_divisible(self, h, w, name):
+        if h % self.factor or w % self.factor:
+            raise ValueError(
+                f"{name} has size {h}×{w}, which the downsampling factor {self.factor} "
+                "does not divide"
+            )
+
+    def _kernel(self, h: int, w: int) -> torch.Tensor:
+        s = self.factor
+        full = torch.zeros(h, w, dtype=torch.float64)
+        if self.antialias == "box":
+            # (K x)[n] = mean of x[n + a], a in [0, s)²: kernel at -a.
+            idx_h = (-torch.arange(s)) % h
+            idx_w = (-torch.arange(s)) % w
+            full[idx_h[:, None], idx_w[None, :]] = 1.0 / s**2
+        else:
+            r = math.ceil(3 * self.std)
+            if 2 * r + 1 > min(h, w):
+                raise ValueError(f"Gaussian antialias of std {self.std} too wide for {h}×{w}")
+            t = torch.arange(-r, r + 1, dtype=torch.float64)
+            g = torch.exp(-(t**2) / (2 * self.std**2))
+            k = torch.outer(g, g)
+            full[t.long()[:, None] % h, t.long()[None, :] % w] = k / k.sum()
+        return full
+
+    def _transfers(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transfer of ``K`` (high resolution) and of ``A Aᵀ`` (low resolution)."""
+        if (h, w) not in self._cache:
+            self._check_divisible(h, w, "image")
+            k_hat = torch.fft.fft2(self._kernel(h, w))
+            autocorr = torch.fft.ifft2(k_hat.abs() ** 2).real
+            s = self.factor
+            gram_hat = torch.fft.fft2(autocorr[::s, ::s]).to(torch.complex128)
+            self._cache[(h, w)] = (k_hat, gram_hat)
+        return self._cache[(h, w)]
+
+    def A(self, x):
+        _check_batch(x, "x")
+        h, w = x.shape[-2:]
+        k_hat, _ = self._transfers(h, w)
+        t = k_hat.to(device=x.device, dtype=_complex(x.dtype))
+        blurred = torch.fft.ifft2(torch.fft.fft2(x) * t).real
+        return blurred[..., :: self.factor, :: self.factor].contiguous()
+
+    def adjoint(self, y):
+        _check_batch(y, "y")
+        s = self.factor
+        h, w = y.shape[-2] * s, y.shape[-1] * s
+        k_hat, _ = self._transfers(h, w)
+        up = y.new_zeros(*y.shape[:-2], h, w)
+        up[..., ::s, ::s] = y
+        t = k_hat.conj().to(device=y.device, dtype=_complex(y.dtype))
+        return torch.fft.ifft2(torch.fft.fft2(up) * t).real
+
+    def gram_transfer(self, h: int, w: int) -> torch.Tensor:
+        """Transfer function of ``A Aᵀ`` on the ``(h/s) × (w/s)`` grid, images ``h × w``."""
+        return self._transfers(h, w)[1]
+
+    def _lowres_solve(self, y, fn):
+        s = self.factor
+        gram = self.gram_transfer(y.shape[-2] * s, y.shape[-1] * s)
+        t = fn(gram).to(device=y.device, dtype=_complex(y.dtype))
+        return torch.fft.ifft2(torch.fft.fft2(y) * t).real
+
+    def pinv(self, y):
+        _check_batch(y, "y")
+        return self.adjoint(self._lowres_solve(y, lambda g: _pinv_transfer(g, self.rcond)))
+
+    def tikhonov(self, y, lam):
+        lam = _check_positive(lam, "lam")
+        _check_batch(y, "y")
+        return self.adjoint(self._lowres_solve(y, lambda g: 1.0 / (g + lam)))
+
+
+class _AdjointThenLowres(LinearMap):
+    """``B y = Aᵀ (C y)`` for super-resolution: ``C`` a low-resolution circulant filter.
+
+    ``C = I`` gives ``Aᵀ``, ``C = (A Aᵀ)⁺`` gives ``A⁺``, ``C = (A Aᵀ + lam I)⁻¹`` Tikhonov.
+    """
+
+    def __init__(self, op: Downsampling, lowres_fn: Callable[[torch.Tensor], torch.Tensor], name):
+        self.op = op
+        self.lowres_fn = lowres_fn
+        self.period = op.period
+        self.name = name
+
+    def output_shape(self, in_shape):
+        return self.op.input_shape(in_shape)
+
+    def input_shape(self, out_shape):
+        return self.op.output_shape(out_shape)
+
+    def A(self, y):
+        _check_batch(y, "y")
+        return self.op.adjoint(self.op._lowres_solve(y, self.lowres_fn))
+
+    def adjoint(self, x):
+        _check_batch(x, "x")
+        return self.op._lowres_solve(self.op.A(x), lambda g: self.lowres_fn(g).conj())
+
+    def __repr__(self):
+        return self.name
+
+
+# ------------------------------------------------------------------------ pre-inverses
+
+PREINVERSES = ("identity", "adjoint", "pinv", "tikhonov")
+
+
+def preinverse(A: ForwardOperator, kind: str, lam: float | None = None) -> LinearMap:
+    """The pre-inverse ``B`` fed to the estimators: ``I``, ``Aᵀ``, ``A⁺`` or Tikhonov(lam).
+
+    ``identity`` (physics-agnostic) needs ``A`` to keep the image size.
+    """
+    if not isinstance(A, ForwardOperator):
+        raise TypeError(f"A must be a ForwardOperator, got {type(A).__name__}")
+    if kind not in PREINVERSES:
+        raise ValueError(f"kind must be one of {PREINVERSES}, got {kind!r}")
+    if kind == "tikhonov":
+        lam = _check_positive(lam, "lam")
+    elif lam is not None:
+        raise ValueError(f"lam is only used with kind='tikhonov', got lam={lam!r}")
+    if kind == "identity":
+        if isinstance(A, Downsampling):
+            raise ValueError("kind='identity' needs an operator that keeps the image size")
+        return Identity()
+    if isinstance(A, Denoising):
+        if kind != "tikhonov":
+            return Identity()
+        return Diagonal(torch.full((1, 1, 1), 1.0 / (1.0 + lam), dtype=torch.float64))
+    if isinstance(A, Inpainting):
+        return Diagonal(A.mask if kind != "tikhonov" else A.mask / (1 + lam))
+    if isinstance(A, Blur):
+        fns = {
+            "adjoint": lambda h, w: A.transfer(h, w).conj(),
+            "pinv": A.pinv_transfer,
+            "tikhonov": lambda h, w: A.tikhonov_transfer(h, w, lam),
+        }
+        label = {"adjoint": "Aᵀ", "pinv": "A⁺", "tikhonov": f"Tikhonov(λ={lam})"}[kind]
+        return Circulant(fns[kind], name=f"{label} of {A!r}")
+    if isinstance(A, Downsampling):
+        fns = {
+            "adjoint": lambda g: torch.ones_like(g),
+            "pinv": lambda g: _pinv_transfer(g, A.rcond),
+            "tikhonov": lambda g: 1.0 / (g + lam),
+        }
+        label = {"adjoint": "Aᵀ", "pinv": "A⁺", "tikhonov": f"Tikhonov(λ={lam})"}[kind]
+        return _AdjointThenLowres(A, fns[kind], name=f"{label} of {A!r}")
+    raise TypeError(f"no pre-inverse known for operator {type(A).__name__}")
