@@ -273,12 +273,20 @@ class Inpainting(Diagonal, ForwardOperator):
 # ------------------------------------------------------------------------- circulant
 
 
-def _pinv_transfer(h: torch.Tensor, rcond: float | None) -> torch.Tensor:
-    """Moore-Penrose inverse of a transfer function with a relative singular-value cut."""
+def transfer_support(h: torch.Tensor, rcond: float | None = None) -> torch.Tensor:
+    """Frequencies kept as non-zero singular values: ``|h| > rcond · max|h|``.
+
+    ``rcond=None`` means ``h.numel() · eps(float64)``, the default of ``torch.linalg.pinv``.
+    """
     mag = h.abs()
     if rcond is None:
         rcond = h.numel() * _EPS64
-    keep = mag > rcond * mag.max()
+    return mag > rcond * mag.max()
+
+
+def _pinv_transfer(h: torch.Tensor, rcond: float | None) -> torch.Tensor:
+    """Moore-Penrose inverse of a transfer function with a relative singular-value cut."""
+    keep = transfer_support(h, rcond)
     return torch.where(keep, 1.0 / torch.where(keep, h, torch.ones_like(h)), torch.zeros_like(h))
 
 

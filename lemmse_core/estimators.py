@@ -1,0 +1,323 @@
+"""Global closed-form estimators: MMSE, data-augmented MMSE and E-MMSE (paper Sec. 2-3).
+
+All are softmax-weighted averages of training images (or of their translates) with
+log-weights ``ℓ = -quadratic / (2σ²)`` (THEORY.md). They are cheap next to the LE-MMSE,
+so their logits are computed in float64 whatever ``dtype``; ``dtype`` sets the output.
+
+- :func:`mmse`: Prop. 2.1 / Remark 2.2, ``ℓ_k = -‖P_B (y - A x_k)‖² / (2σ²)``.
+- :func:`augmented_mmse`: Def. 3.4, the MMSE over ``{T_g x_k}``.
+- :func:`e_mmse`: Thm. 3.5, ``ℓ_{g,k} = -(T_g⁻¹v - BAx_k)ᵀ (BBᵀ)⁺ (T_g⁻¹v - BAx_k) / (2σ²)``
+  over the shifts with ``T_g⁻¹v ∈ Im B``.
+
+Rank cuts: ``P_B`` and ``(BBᵀ)⁺`` keep the singular values of ``B`` above
+``max(M, D) · eps(float64)`` times the largest (the default of ``torch.linalg.pinv``; per
+channel ``H W eps`` for circulant ``B``). The support test of the general case accepts
+``‖(I - P) u‖ <= SUPPORT_RTOL ‖u‖`` (``P`` the projector onto ``Im B``); masks use an
+exact pattern test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .checks import check_dtype, check_problem, check_sigma
+from .operators import LinearMap, transfer_support
+from .streaming import StreamingSoftmax
+
+SUPPORT_RTOL = 1e-6
+DENSE_LIMIT = 8192  # largest dimension for which a general B is handled by dense algebra
+_BUDGET = 256 * 2**20  # bytes of float64 temporaries per block
+
+
+@dataclass
+class GlobalDiagnostics:
+    """Weights of the training images, from the same pass as the estimate.
+
+    ``image_weights[i, k]``: total weight of training image ``k`` (summed over shifts) for
+    query ``i``; ``effective_images = 1 / Σ_k image_weights²`` (Kish's effective number).
+    """
+
+    image_weights: torch.Tensor
+    effective_images: torch.Tensor
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _dense_limit(dim: int, what: str) -> None:
+    if dim > DENSE_LIMIT:
+        raise ValueError(
+            f"{what}: a general (non-diagonal, non-circulant) B is handled with dense "
+            f"matrices, limited to dimension {DENSE_LIMIT}; got {dim}"
+        )
+
+
+def measurement_projector(B: LinearMap, y_shape) -> Callable | None:
+    """``P_B = B⁺B``, the projector onto ``Im Bᵀ`` in measurement space (``None``: identity)."""
+    c, h, w = y_shape
+    if B.structure == "identity":
+        return None
+    if B.structure == "diagonal":
+        keep = (B.diagonal(y_shape) != 0).double()
+        return None if keep.all() else (lambda r: r * keep.to(r.device))
+    if B.structure == "circulant":
+        keep = transfer_support(B.transfer(h, w)).to(torch.complex128)
+        if keep.real.all():
+            return None
+        return lambda r: torch.fft.ifft2(torch.fft.fft2(r) * keep.to(r.device)).real
+    m = c * h * w
+    _dense_limit(m, "P_B")
+    b = B.matrix(y_shape)
+    proj = torch.linalg.pinv(b) @ b
+    return lambda r: (r.reshape(r.shape[0], -1) @ proj.to(r.device)).reshape(r.shape)
+
+
+def _image_chunks(n_images: int, per_image_bytes: int, chunk_size: int | None) -> Iterator:
+    size = chunk_size or max(1, _BUDGET // max(per_image_bytes, 1))
+    for k0 in range(0, n_images, size):
+        yield k0, min(k0 + size, n_images)
+
+
+def _correlate(a_hat: torch.Tensor, b_hat: torch.Tensor) -> torch.Tensor:
+    """``Σ_c Σ_m a[c, m + g] b[c, m]`` for all shifts g: ``(n, K, H, W)`` from the FFTs."""
+    prod = torch.einsum("nchw,kchw->nkhw", a_hat, b_hat.conj())
+    return torch.fft.ifft2(prod).real
+
+
+def _all_shifts(x: torch.Tensor) -> torch.Tensor:
+    """``T_g x`` for every shift g: ``(n, H, W, C, H, W)`` with ``[:, gi, gj] = roll(x, g)``."""
+    h, w = x.shape[-2:]
+    rows = (torch.arange(h)[:, None] - torch.arange(h)[None, :]) % h  # [g, n] = n - g
+    cols = (torch.arange(w)[:, None] - torch.arange(w)[None, :]) % w
+    out = x[:, :, rows][..., cols]  # (n, C, gi, H, gj, W)
+    return out.permute(0, 2, 4, 1, 3, 5)
+
+
+class _ShiftSoftmaxAverage:
+    """Streaming ``Σ_{g,k} w_{g,k} T_g x_k`` from blocks of logits ``(n, K, H, W)``."""
+
+    def __init__(self, n: int, train: torch.Tensor):
+        self.train = train.double()
+        self.state = StreamingSoftmax(n, device=train.device)
+        self.acc = torch.zeros((n, *train.shape[1:]), dtype=torch.complex128, device=train.device)
+        self.image_mass: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def add(self, logits: torch.Tensor, k0: int, k1: int) -> None:
+        new, scale = self.state.update(logits.amax(dim=(1, 2, 3)))
+        safe = torch.where(torch.isneginf(new), torch.zeros_like(new), new)
+        p = torch.exp(logits - safe[:, None, None, None])
+        x_hat = torch.fft.fft2(self.train[k0:k1])
+        self.acc = self.acc * scale[:, None, None, None] + torch.einsum(
+            "nkhw,kchw->nchw", torch.fft.fft2(p), x_hat
+        )
+        self.state.add(p.sum(dim=(1, 2, 3)))
+        self.image_mass.append((p.sum(dim=(2, 3)), new))
+
+    def result(self) -> tuple[torch.Tensor, GlobalDiagnostics]:
+        out = torch.fft.ifft2(self.acc).real / self.state.sum[:, None, None, None]
+        final = self.state.max
+        weights = (
+            torch.cat([mass * torch.exp(m - final)[:, None] for mass, m in self.image_mass], dim=1)
+            / self.state.sum[:, None]
+        )
+        return out, GlobalDiagnostics(weights, 1.0 / (weights**2).sum(dim=1))
+
+
+def _finish(out, diag, dtype, diagnostics):
+    out = out.to(dtype)
+    return (out, diag) if diagnostics else out
+
+
+# ------------------------------------------------------------------------------ MMSE
+
+
+def mmse(
+    y: torch.Tensor,
+    train: torch.Tensor,
+    A,
+    sigma: float,
+    B: LinearMap | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    chunk_size: int | None = None,
+    diagnostics: bool = False,
+):
+    """Empirical MMSE ``Σ_k w_k x_k`` (Prop. 2.1, Remark 2.2), ``B=None`` meaning ``B = I``.
+
+    Depends on ``B`` only through ``P_B``. With ``diagnostics=True`` returns
+    ``(x_hat, GlobalDiagnostics)``.
+    """
+    B = check_problem(y, train, A, B)
+    sigma, dtype = check_sigma(sigma), check_dtype(dtype)
+    proj = measurement_projector(B, tuple(y.shape[1:]))
+    keep = proj or (lambda r: r)
+    py = keep(y.double()).flatten(1)
+    logits = []
+    per_image = py.shape[0] * py.shape[1] * 8
+    for k0, k1 in _image_chunks(train.shape[0], per_image, chunk_size):
+        pax = keep(A.A(train[k0:k1].double())).flatten(1)
+        logits.append(-torch.cdist(py, pax).pow(2) / (2 * sigma**2))
+    weights = torch.softmax(torch.cat(logits, dim=1), dim=1)
+    out = (weights @ train.double().flatten(1)).reshape(y.shape[0], *train.shape[1:])
+    diag = GlobalDiagnostics(weights, 1.0 / (weights**2).sum(dim=1))
+    return _finish(out, diag, dtype, diagnostics)
+
+
+# --------------------------------------------------------------- augmented MMSE (Def. 3.4)
+
+
+def _augmented_logits_fast(y, train_block, A, sigma):
+    """Logits over all shifts for ``P_B = I`` and ``A`` identity/circulant/diagonal (FFT)."""
+    x = train_block.double()
+    aty_hat = torch.fft.fft2(A.adjoint(y.double()))
+    cross = _correlate(aty_hat, torch.fft.fft2(x))
+    if A.structure == "diagonal":
+        a2_hat = torch.fft.fft2(A.diagonal(tuple(x.shape[1:])).double()[None] ** 2)
+        norms = _correlate(a2_hat, torch.fft.fft2(x**2))[0][None]
+    else:
+        norms = A.A(x).pow(2).sum(dim=(1, 2, 3))[None, :, None, None]
+    y2 = y.double().pow(2).sum(dim=(1, 2, 3))[:, None, None, None]
+    return -(y2 + norms - 2 * cross) / (2 * sigma**2)
+
+
+def _augmented_logits_dense(y, train_block, A, sigma, proj):
+    """Logits over all shifts, by applying ``A`` and ``P_B`` to every translate."""
+    keep = proj or (lambda r: r)
+    n, (kc, _, h, w) = y.shape[0], train_block.shape
+    shifted = _all_shifts(train_block.double()).reshape(kc * h * w, *train_block.shape[1:])
+    pax = keep(A.A(shifted)).flatten(1)
+    dist = torch.cdist(keep(y.double()).flatten(1), pax).pow(2)
+    return -(dist / (2 * sigma**2)).reshape(n, kc, h, w)
+
+
+def augmented_mmse(
+    y: torch.Tensor,
+    train: torch.Tensor,
+    A,
+    sigma: float,
+    B: LinearMap | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    chunk_size: int | None = None,
+    diagnostics: bool = False,
+):
+    """MMSE over the augmented set ``{T_g x_k}`` (Def. 3.4), ``B=None`` meaning ``B = I``.
+
+    ``ℓ_{g,k} = -‖P_B (y - A T_g x_k)‖² / (2σ²)``; FFT over all shifts when ``P_B = I`` and
+    ``A`` is the identity, a convolution or a mask, otherwise every translate is measured.
+    """
+    B = check_problem(y, train, A, B)
+    sigma, dtype = check_sigma(sigma), check_dtype(dtype)
+    proj = measurement_projector(B, tuple(y.shape[1:]))
+    fast = proj is None and A.structure in ("identity", "circulant", "diagonal")
+    avg = _ShiftSoftmaxAverage(y.shape[0], train)
+    d = train[0].numel()
+    per_image = 16 * d * (y.shape[0] + (1 if fast else d))
+    for k0, k1 in _image_chunks(train.shape[0], per_image, chunk_size):
+        if fast:
+            logits = _augmented_logits_fast(y, train[k0:k1], A, sigma)
+        else:
+            logits = _augmented_logits_dense(y, train[k0:k1], A, sigma, proj)
+        avg.add(logits, k0, k1)
+    out, diag = avg.result()
+    return _finish(out, diag, dtype, diagnostics)
+
+
+# -------------------------------------------------------------------- E-MMSE (Thm. 3.5)
+
+
+class _EquivariantMetric:
+    """``(BBᵀ)⁺`` and the support test of the E-MMSE, by the structure of ``B``."""
+
+    def __init__(self, B: LinearMap, y_shape, image_shape):
+        self.B, self.kind = B, B.structure
+        c, h, w = image_shape
+        if self.kind == "circulant":
+            t = B.transfer(h, w)
+            keep = transfer_support(t)
+            self.filter = torch.where(keep, 1.0 / torch.where(keep, t.abs(), 1.0), 0.0)
+        elif self.kind == "diagonal":
+            beta = B.diagonal(image_shape).double()
+            support = beta != 0
+            self.omega = torch.where(support, 1.0 / torch.where(support, beta, 1.0) ** 2, 0.0)
+            self.outside_hat = torch.fft.fft2((~support).double())
+        elif self.kind == "general":
+            _dense_limit(c * h * w, "E-MMSE")
+            matrix = B.matrix(y_shape)
+            u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
+            rank = int((s > s.max() * max(matrix.shape) * torch.finfo(s.dtype).eps).sum())
+            self.basis = u[:, :rank]
+            self.whiten = (u[:, :rank] / s[:rank]).T  # (r, D): (BBᵀ)⁺ = Wᵀ W
+
+    def prepare(self, v: torch.Tensor) -> dict:
+        """Per-query quantities that do not depend on the training images."""
+        if self.kind in ("identity", "circulant"):
+            fv = self._filter(v)
+            return {"v_hat": torch.fft.fft2(fv), "v2": fv.pow(2).sum(dim=(1, 2, 3))}
+        if self.kind == "diagonal":
+            v_hat = torch.fft.fft2(v)
+            t1 = _correlate(torch.fft.fft2(v**2), torch.fft.fft2(self.omega[None]))[:, 0]
+            nonzero_hat = torch.fft.fft2((v != 0).double())
+            count = _correlate(nonzero_hat, self.outside_hat[None])[:, 0]
+            return {"v_hat": v_hat, "t1": t1, "bad": count.round() > 0}
+        n, c, h, w = v.shape
+        shifts = _all_shifts(v)  # [:, g] = T_g v, and T_g⁻¹ v = T_{-g} v
+        inv = torch.roll(shifts.flip(1, 2), shifts=(1, 1), dims=(1, 2)).reshape(n, h * w, -1)
+        resid = inv - (inv @ self.basis) @ self.basis.T
+        bad = resid.norm(dim=2) > SUPPORT_RTOL * v.flatten(1).norm(dim=1)[:, None]
+        return {"white": inv @ self.whiten.T, "bad": bad.reshape(n, h, w)}
+
+    def _filter(self, x):
+        if self.kind == "identity":
+            return x
+        return torch.fft.ifft2(torch.fft.fft2(x) * self.filter.to(x.device)).real
+
+    def quadratic(self, q: dict, z: torch.Tensor) -> torch.Tensor:
+        """``(T_g⁻¹v - z_k)ᵀ (BBᵀ)⁺ (T_g⁻¹v - z_k)``, ``(n, K, H, W)``; ``inf`` off support."""
+        if self.kind in ("identity", "circulant"):
+            fz = self._filter(z)
+            cross = _correlate(q["v_hat"], torch.fft.fft2(fz))
+            z2 = fz.pow(2).sum(dim=(1, 2, 3))
+            return q["v2"][:, None, None, None] + z2[None, :, None, None] - 2 * cross
+        if self.kind == "diagonal":
+            cross = _correlate(q["v_hat"], torch.fft.fft2(self.omega * z))
+            z2 = (self.omega * z**2).sum(dim=(1, 2, 3))
+            quad = q["t1"][:, None] + z2[None, :, None, None] - 2 * cross
+        else:
+            n, h, w = q["bad"].shape
+            keys = z.flatten(1) @ self.whiten.T
+            quad = torch.cdist(q["white"], keys[None].expand(n, -1, -1)).pow(2)
+            quad = quad.transpose(1, 2).reshape(n, -1, h, w)
+        return quad.masked_fill(q["bad"][:, None], torch.inf)
+
+
+def e_mmse(
+    y: torch.Tensor,
+    train: torch.Tensor,
+    A,
+    sigma: float,
+    B: LinearMap | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    chunk_size: int | None = None,
+    diagnostics: bool = False,
+):
+    """Translation-equivariant MMSE (Thm. 3.5), ``B=None`` meaning ``B = I``.
+
+    ``f(v) = Σ_{g,k} w_{g,k} T_g x_k`` with ``w_{g,k} ∝ N(T_g⁻¹v; BAx_k, σ² BBᵀ)`` on the
+    shifts with ``T_g⁻¹v ∈ Im B``; for ``B = I`` all shifts by FFT cross-correlation.
+    """
+    B = check_problem(y, train, A, B)
+    sigma, dtype = check_sigma(sigma), check_dtype(dtype)
+    metric = _EquivariantMetric(B, tuple(y.shape[1:]), tuple(train.shape[1:]))
+    q = metric.prepare(B.A(y.double()))
+    avg = _ShiftSoftmaxAverage(y.shape[0], train)
+    per_image = 32 * train[0].numel() * (y.shape[0] + 1)
+    for k0, k1 in _image_chunks(train.shape[0], per_image, chunk_size):
+        z = B.A(A.A(train[k0:k1].double()))
+        avg.add(-metric.quadratic(q, z) / (2 * sigma**2), k0, k1)
+    out, diag = avg.result()
+    return _finish(out, diag, dtype, diagnostics)

@@ -1,0 +1,36 @@
+"""Patch extraction ``Π_n`` with circular boundary (paper Sec. 3.4, Def. A.11)."""
+
+import torch
+import torch.nn.functional as F
+
+
+def check_patch_size(patch_size, shape) -> int:
+    """Validate an odd patch size no larger than the image ``shape = (C, H, W)``."""
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int):
+        raise TypeError(f"patch_size must be an int, got {type(patch_size).__name__}")
+    if patch_size < 1 or patch_size % 2 == 0:
+        raise ValueError(f"patch_size must be a positive odd int, got {patch_size}")
+    if patch_size > min(shape[-2:]):
+        raise ValueError(
+            f"patch_size={patch_size} is larger than the image size {shape[-2]}×{shape[-1]}"
+        )
+    return patch_size
+
+
+def extract_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """All circular patches of ``x (n, C, H, W)``: ``(n, H·W, C·p²)``, row-major locations.
+
+    Entry ``[i, h·W + w, c·p² + a·p + b]`` is ``x[i, c, h + a - p//2, w + b - p//2]`` (mod size).
+    """
+    r = patch_size // 2
+    padded = F.pad(x, (r, r, r, r), mode="circular") if r else x
+    return F.unfold(padded, patch_size).transpose(1, 2)
+
+
+def patch_at(x: torch.Tensor, patch_size: int, i: int, j: int) -> torch.Tensor:
+    """The patch of ``x (n, C, H, W)`` centred at pixel ``(i, j)``: ``(n, C·p²)``."""
+    r = patch_size // 2
+    h, w = x.shape[-2:]
+    rows = torch.arange(i - r, i + r + 1, device=x.device) % h
+    cols = torch.arange(j - r, j + r + 1, device=x.device) % w
+    return x[:, :, rows][:, :, :, cols].reshape(x.shape[0], -1)
