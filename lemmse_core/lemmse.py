@@ -32,6 +32,8 @@ from .patches import check_patch_size, extract_patches, patch_at
 from .streaming import StreamingSoftmax
 
 _EPS64 = torch.finfo(torch.float64).eps
+# PyTorch's fused CPU attention, which also returns the log-sum-exp (absent: blocked path).
+_flash_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 MASS_BIN = 0.01  # width in nats of the log-weight histogram used by ``mass_count``
 _MASS_RANGE = 50.0  # weights below exp(-50) of the total share the last bin
 
@@ -43,9 +45,11 @@ class PatchDiagnostics:
     - ``log_density`` ``(n, H, W)``: ``log (1/(N|Ω|)) Σ N(u; Q_nAx_k, σ²Q_nQ_nᵀ)`` over the
       contributing stratum (the LE-MMSE denominator, THEORY.md item 8).
     - ``rank`` ``(n, H, W)``: the stratum rank ``r(u)``.
-    - ``top_weights`` ``(n, H, W, k)``, ``top_image`` and ``top_location`` (``(..., k, 2)``,
-      the centre ``(i, j)`` of the training patch): the ``k`` heaviest terms; index 0 is
-      the dominant source.
+    - ``top_weights`` ``(n, H, W, k)``: the weights of the ``k`` heaviest distinct
+      (location, image) terms; ``top_count``: how many identical terms share each (equal
+      patches and centre pixels, e.g. blank background); ``top_image`` and
+      ``top_location`` (``(..., k, 2)``, the centre ``(i, j)`` of the training patch):
+      the first of them. Index 0 is the dominant source.
     - ``mass_count`` ``(n, H, W)``: the number of terms holding a fraction ``mass`` of the
       weight (relative error at most ``exp(MASS_BIN) - 1``), or ``None``.
     """
@@ -53,6 +57,7 @@ class PatchDiagnostics:
     log_density: torch.Tensor
     rank: torch.Tensor
     top_weights: torch.Tensor
+    top_count: torch.Tensor
     top_image: torch.Tensor
     top_location: torch.Tensor
     mass_count: torch.Tensor | None = None
@@ -60,20 +65,43 @@ class PatchDiagnostics:
 
 @dataclass
 class _Class:
-    """Locations sharing one patch Gram matrix, with their whitened keys."""
+    """Locations sharing one patch Gram matrix, with their whitened keys.
+
+    Identical (key, value) rows are merged into one key with a count (exact): a term
+    index ``t = l·N + k`` names location ``locations[l]`` of training image ``k``.
+    """
 
     locations: torch.Tensor  # (L,) flat pixel indices
     whiten: torch.Tensor  # (r, P) float64
     basis: torch.Tensor  # (P, r) float64, orthonormal basis of Im G
     log_pdet: float
     centre: torch.Tensor | None = None  # (r,) float64
-    keys: torch.Tensor | None = None  # (L·N, r), index l·N + k
-    half_sq: torch.Tensor | None = None  # (L·N,) ½‖key‖²
-    values: torch.Tensor | None = None  # (L·N, C) centre pixels
+    keys: torch.Tensor | None = None  # (K, r) distinct centred keys
+    half_sq: torch.Tensor | None = None  # (K,) ½‖key‖²
+    values: torch.Tensor | None = None  # (K, C) centre pixels
+    counts: torch.Tensor | None = None  # (K,) float64 number of identical terms
+    source: torch.Tensor | None = None  # (K,) first term index t of each key
 
     @property
     def rank(self) -> int:
         return self.whiten.shape[0]
+
+
+def _merge_duplicates(keys: torch.Tensor, values: torch.Tensor):
+    """Exact merge of identical rows of ``[keys, values]``: ``(first, counts)``.
+
+    Rows are sorted by a random projection (a hash); equal neighbours are merged, so a
+    hash collision only costs a missed merge, never a wrong one.
+    """
+    rows = torch.cat([keys, values], dim=1)
+    direction = torch.randn(rows.shape[1], generator=torch.Generator().manual_seed(0))
+    order = torch.argsort(rows @ direction.to(rows), stable=True)
+    ranked = rows[order]
+    starts = torch.ones(len(rows), dtype=torch.bool, device=rows.device)
+    starts[1:] = (ranked[1:] != ranked[:-1]).any(dim=1)
+    group = torch.cumsum(starts, dim=0) - 1
+    counts = torch.bincount(group, minlength=int(starts.sum())).double()
+    return order[starts], counts
 
 
 def _class_labels(B: LinearMap, shape, p: int) -> torch.Tensor:
@@ -157,27 +185,31 @@ class LEMMSE:
 
     def _build_keys(self, progress: bool) -> None:
         """Whitened, centred keys ``W Π_n B A x_k`` and centre pixels, per class."""
-        device, n = self.train.device, self.n_train
+        device, n, step = self.train.device, self.n_train, 256
+        mean_image = sum(
+            self.B.A(self.A.A(self.train[k0 : k0 + step].double())).sum(dim=0)
+            for k0 in range(0, n, step)
+        )
+        mean_patches = extract_patches(mean_image[None] / n, self.p)[0].cpu()
         parts = {id(c): ([], []) for c in self.classes}
-        step = max(1, 2**24 // (self.shape[1] * self.shape[2] * self.p**2 * self.shape[0]))
-        total = torch.zeros(self.shape[1] * self.shape[2], self.p**2 * self.shape[0]).double()
+        for cls in self.classes:
+            cls.centre = mean_patches[cls.locations].mean(dim=0) @ cls.whiten.T
         for k0 in tqdm(range(0, n, step), desc="LE-MMSE keys", disable=not progress):
             x = self.train[k0 : k0 + step].double()
-            z = self.B.A(self.A.A(x))
-            patches = extract_patches(z, self.p).cpu()  # (k, H·W, P)
-            total += patches.sum(dim=0)
+            patches = extract_patches(self.B.A(self.A.A(x)), self.p).cpu()  # (k, H·W, P)
             centres = x.flatten(2).transpose(1, 2).cpu()  # (k, H·W, C)
             for cls in self.classes:
-                parts[id(cls)][0].append(patches[:, cls.locations] @ cls.whiten.T)
-                parts[id(cls)][1].append(centres[:, cls.locations])
+                keys = patches[:, cls.locations] @ cls.whiten.T - cls.centre
+                parts[id(cls)][0].append(keys.to(self.dtype))
+                parts[id(cls)][1].append(centres[:, cls.locations].to(self.dtype))
         for cls in self.classes:
-            keys = torch.cat(parts[id(cls)][0]).transpose(0, 1)  # (L, N, r)
-            cls.centre = total[cls.locations].sum(dim=0) @ cls.whiten.T / keys.shape[:2].numel()
-            keys = (keys - cls.centre).reshape(-1, cls.rank)
-            cls.keys = keys.to(device=device, dtype=self.dtype)
-            cls.half_sq = 0.5 * keys.pow(2).sum(dim=1).to(device=device, dtype=self.dtype)
+            keys = torch.cat(parts[id(cls)][0]).transpose(0, 1).reshape(-1, cls.rank)
             values = torch.cat(parts[id(cls)][1]).transpose(0, 1).reshape(-1, self.shape[0])
-            cls.values = values.to(device=device, dtype=self.dtype)
+            parts[id(cls)] = None
+            first, counts = _merge_duplicates(keys, values)
+            cls.keys, cls.values = keys[first].to(device), values[first].to(device)
+            cls.half_sq = 0.5 * cls.keys.double().pow(2).sum(dim=1).to(self.dtype)
+            cls.counts, cls.source = counts.to(device), first.to(device)
             cls.centre = cls.centre.to(device)
 
     # ----------------------------------------------------------------------- queries
@@ -204,29 +236,90 @@ class LEMMSE:
         stratum = torch.where(admissible, ranks, big).min(dim=1).values
         return stratum, admissible & (ranks[None] == stratum[:, None])
 
+    def _queries(self, u, active, sigma):
+        """Per class with active queries: ``(rows, cls, q, offset)``.
+
+        ``q`` are the whitened, centred queries in ``dtype``; the log-weight of term
+        ``(row, key)`` is ``(q·key - ½‖key‖²) / σ² + offset[row]`` (``offset`` float64).
+        """
+        for i, cls in enumerate(self.classes):
+            rows = torch.nonzero(active[:, i]).flatten()
+            if len(rows):
+                q = u[rows] @ cls.whiten.T.to(u.device) - cls.centre
+                offset = -0.5 * q.pow(2).sum(dim=1) / sigma**2 - 0.5 * cls.log_pdet
+                yield rows, cls, q.to(self.dtype), offset
+
     def _blocks(self, u, active, sigma, chunk_size, progress):
-        """Yield ``(rows, cls, k0, k1, s, offset)``: logits ``s + offset[:, None]``."""
+        """Yield ``(rows, cls, k0, k1, s, offset)``: per-term logits ``s + offset[:, None]``."""
         max_block = 2**22  # logits per block (16 MiB in float32)
-        key_block = chunk_size or max(256, min(65536, max_block // 64))
-        inv_var = 1.0 / sigma**2
-        work = [(c, torch.nonzero(active[:, i]).flatten()) for i, c in enumerate(self.classes)]
-        bar = tqdm(total=sum(len(c.keys) for c, rows in work if len(rows)), disable=not progress)
-        for cls, rows in work:
-            if len(rows) == 0:
-                continue
-            q = u[rows] @ cls.whiten.T.to(u.device) - cls.centre
-            offset = -0.5 * q.pow(2).sum(dim=1) * inv_var - 0.5 * cls.log_pdet
-            q = q.to(self.dtype)
+        key_block = chunk_size or 65536
+        work = list(self._queries(u, active, sigma))
+        bar = tqdm(total=sum(len(w[1].keys) for w in work), disable=not progress)
+        for rows, cls, q, offset in work:
             query_block = max(1, max_block // key_block)
             for k0 in range(0, len(cls.keys), key_block):
                 k1 = min(k0 + key_block, len(cls.keys))
                 keys, half_sq = cls.keys[k0:k1], cls.half_sq[k0:k1]
                 for q0 in range(0, len(rows), query_block):
                     sl = slice(q0, q0 + query_block)
-                    s = (q[sl] @ keys.T - half_sq) * inv_var
+                    s = (q[sl] @ keys.T - half_sq) / sigma**2
                     yield rows[sl], cls, k0, k1, s, offset[sl]
                 bar.update(k1 - k0)
         bar.close()
+
+    def _attend(self, q, cls, sigma, k0, k1):
+        """Fused attention of queries ``q`` over keys ``k0:k1`` of ``cls`` (CPU flash kernel).
+
+        The key bias ``-½‖k‖² + σ² log count`` is folded into one extra dimension, so
+        ``softmax(q'·k' / σ²)`` is exactly the softmax of the per-term logits plus the
+        log counts. Returns ``(out (Q, C), log Σ exp)`` in float64, without ``offset``.
+        """
+        c = cls.values.shape[1]
+        d = max(cls.rank + 1, c)
+        bias = -cls.half_sq[k0:k1].double() + sigma**2 * cls.counts[k0:k1].log()
+        keys = torch.zeros(k1 - k0, d, dtype=self.dtype, device=q.device)
+        keys[:, : cls.rank], keys[:, cls.rank] = cls.keys[k0:k1], bias.to(self.dtype)
+        query = torch.zeros(len(q), d, dtype=self.dtype, device=q.device)
+        query[:, : cls.rank], query[:, cls.rank] = q, 1.0
+        values = torch.zeros(k1 - k0, d, dtype=self.dtype, device=q.device)
+        values[:, :c] = cls.values[k0:k1]
+        out, lse = _flash_attention(
+            query[None, None], keys[None, None], values[None, None], scale=1.0 / sigma**2
+        )[:2]
+        return out[0, 0, :, :c].double(), lse[0, 0].double()
+
+    def _estimate_fused(self, u, active, sigma, chunk_size, progress):
+        """Estimate through the fused attention kernel, merging classes and key chunks."""
+        state = StreamingSoftmax(len(u), device=u.device)
+        acc = torch.zeros(len(u), self.shape[0], dtype=torch.float64, device=u.device)
+        work = list(self._queries(u, active, sigma))
+        bar = tqdm(total=sum(len(w[1].keys) for w in work), disable=not progress)
+        for rows, cls, q, offset in work:
+            step = chunk_size or len(cls.keys)
+            for k0 in range(0, len(cls.keys), step):
+                k1 = min(k0 + step, len(cls.keys))
+                out, log_norm = self._attend(q, cls, sigma, k0, k1)
+                block = log_norm + offset
+                new, scale = state.update(block, rows)
+                weight = torch.exp(block - new)
+                acc[rows] = acc[rows] * scale[:, None] + weight[:, None] * out
+                state.add(weight, rows)
+                bar.update(k1 - k0)
+        bar.close()
+        return acc / state.sum[:, None]
+
+    def _estimate_blocked(self, u, active, sigma, chunk_size, progress, top):
+        """Estimate with explicit logit blocks (any device; feeds the diagnostics)."""
+        state = StreamingSoftmax(len(u), device=u.device)
+        acc = torch.zeros(len(u), self.shape[0], dtype=torch.float64, device=u.device)
+        for rows, cls, k0, k1, s, offset in self._blocks(u, active, sigma, chunk_size, progress):
+            log_c = cls.counts[k0:k1].log().to(s.dtype)
+            new, scale = state.update((s + log_c).max(dim=1).values.double() + offset, rows)
+            p = torch.exp(s + log_c - (new - offset).to(s.dtype)[:, None])
+            acc[rows] = acc[rows] * scale[:, None] + (p @ cls.values[k0:k1]).double()
+            state.add(p.sum(dim=1), rows)
+            top.update(rows, cls, k0, s, offset)
+        return acc / state.sum[:, None], state.log_normaliser()
 
     def estimate(
         self,
@@ -239,7 +332,11 @@ class LEMMSE:
         top_k: int = 5,
         progress: bool = False,
     ):
-        """LE-MMSE of pre-inverted measurements ``v = B y`` ``(n, C, H, W)``."""
+        """LE-MMSE of pre-inverted measurements ``v = B y`` ``(n, C, H, W)``.
+
+        Without diagnostics on the CPU, one fused attention kernel per class (and key
+        chunk); otherwise explicit logit blocks of ``chunk_size`` keys.
+        """
         sigma = check_sigma(sigma)
         if mass is not None and not 0 < mass <= 1:
             raise ValueError(f"mass must be in (0, 1], got {mass!r}")
@@ -248,51 +345,49 @@ class LEMMSE:
         n, (c, h, w) = v.shape[0], self.shape
         u = extract_patches(v.double(), self.p).reshape(n * h * w, -1)
         stratum, active = self._active(u)
-        state = StreamingSoftmax(len(u), device=u.device)
-        acc = torch.zeros(len(u), c, dtype=torch.float64, device=u.device)
+
+        def image(flat):
+            return flat.reshape(n, h, w, c).permute(0, 3, 1, 2).to(self.dtype).contiguous()
+
+        if not diagnostics and _flash_attention is not None and u.device.type == "cpu":
+            return image(self._estimate_fused(u, active, sigma, chunk_size, progress))
         top = _TopK(len(u), top_k if diagnostics else 0, self.classes, u.device)
-        for rows, cls, k0, k1, s, offset in self._blocks(u, active, sigma, chunk_size, progress):
-            new, scale = state.update(s.max(dim=1).values.double() + offset, rows)
-            p = torch.exp(s - (new - offset).to(s.dtype)[:, None])
-            acc[rows] = acc[rows] * scale[:, None] + (p @ cls.values[k0:k1]).double()
-            state.add(p.sum(dim=1), rows)
-            top.update(rows, cls, k0, s, offset)
-        out = (acc / state.sum[:, None]).reshape(n, h, w, c).permute(0, 3, 1, 2)
-        out = out.to(self.dtype).contiguous()
+        flat, log_norm = self._estimate_blocked(u, active, sigma, chunk_size, progress, top)
         if not diagnostics:
-            return out
-        log_norm = state.log_normaliser()
+            return image(flat)
         log_density = (
             log_norm
             - 0.5 * stratum.double() * math.log(2 * math.pi * sigma**2)
             - math.log(self.n_train * h * w)
         )
-        weights, image, location = top.result(log_norm, self.n_train, w)
-        counts = None
+        weights, counts, sources, location = top.result(log_norm, self.n_train, w)
+        mass_count = None
         if mass is not None:
-            counts = self._mass_count(u, active, sigma, log_norm, mass, chunk_size)
-            counts = counts.reshape(n, h, w)
+            mass_count = self._mass_count(u, active, sigma, log_norm, mass, chunk_size)
+            mass_count = mass_count.reshape(n, h, w)
         diag = PatchDiagnostics(
             log_density.reshape(n, h, w),
             stratum.reshape(n, h, w),
             weights.reshape(n, h, w, -1),
-            image.reshape(n, h, w, -1),
+            counts.reshape(n, h, w, -1),
+            sources.reshape(n, h, w, -1),
             location.reshape(n, h, w, -1, 2),
-            counts,
+            mass_count,
         )
-        return out, diag
+        return image(flat), diag
 
     def _mass_count(self, u, active, sigma, log_norm, mass, chunk_size) -> torch.Tensor:
         """Number of terms holding ``mass`` of the weight, from a log-weight histogram."""
         n_bins = int(_MASS_RANGE / MASS_BIN) + 1
         hist_mass = torch.zeros(len(u) * n_bins, dtype=torch.float64, device=u.device)
         hist_count = torch.zeros_like(hist_mass)
-        for rows, _, _, _, s, offset in self._blocks(u, active, sigma, chunk_size, False):
+        for rows, cls, k0, k1, s, offset in self._blocks(u, active, sigma, chunk_size, False):
             log_w = s.double() + (offset - log_norm[rows])[:, None]
             bins = (-log_w / MASS_BIN).floor().clamp(0, n_bins - 1).long()
             index = (rows[:, None] * n_bins + bins).flatten()
-            hist_mass.index_add_(0, index, log_w.exp().flatten())
-            hist_count.index_add_(0, index, torch.ones_like(log_w).flatten())
+            counts = cls.counts[k0:k1].expand_as(log_w)
+            hist_mass.index_add_(0, index, (log_w.exp() * counts).flatten())
+            hist_count.index_add_(0, index, counts.flatten())
         return _count_from_histogram(
             hist_mass.reshape(len(u), n_bins), hist_count.reshape(len(u), n_bins), mass
         )
@@ -317,40 +412,41 @@ def _count_from_histogram(hist_mass, hist_count, mass: float) -> torch.Tensor:
 
 
 class _TopK:
-    """Running top-k logits and their key ids across blocks and classes."""
+    """Running top-k per-term logits and their (class, key) across blocks."""
 
     def __init__(self, n: int, k: int, classes, device):
-        self.k = k
+        self.k, self.classes = k, classes
         self.values = torch.full((n, k), -torch.inf, dtype=torch.float64, device=device)
         self.ids = torch.zeros((n, k), dtype=torch.long, device=device)
-        self.offsets, start = {}, 0
-        for cls in classes:
-            self.offsets[id(cls)] = start
-            start += len(cls.keys)
-        self.classes = classes
+        self.starts = torch.tensor([0] + [len(c.keys) for c in classes]).cumsum(0)[:-1]
+        self.starts = self.starts.to(device)
+        self.index = {id(c): i for i, c in enumerate(classes)}
 
     def update(self, rows, cls, k0, s, offset):
         if self.k == 0:
             return
         vals, idx = s.topk(min(self.k, s.shape[1]), dim=1)
         vals = torch.cat([self.values[rows], vals.double() + offset[:, None]], dim=1)
-        ids = torch.cat([self.ids[rows], idx + k0 + self.offsets[id(cls)]], dim=1)
+        ids = idx + k0 + self.starts[self.index[id(cls)]]
+        ids = torch.cat([self.ids[rows], ids], dim=1)
         best, pos = vals.topk(self.k, dim=1)
         self.values[rows], self.ids[rows] = best, ids.gather(1, pos)
 
     def result(self, log_norm, n_train, width):
-        starts = torch.tensor(list(self.offsets.values()), device=self.ids.device)
-        which = torch.searchsorted(starts, self.ids, right=True) - 1
-        local = self.ids - starts[which]
-        image = local % n_train
-        loc_tables = [c.locations.to(self.ids.device) for c in self.classes]
-        flat = torch.zeros_like(local)
-        for i, table in enumerate(loc_tables):
+        """Per-term weights, counts of identical terms, source image and location."""
+        which = torch.searchsorted(self.starts, self.ids, right=True) - 1
+        key = self.ids - self.starts[which]
+        counts = torch.zeros_like(self.values)
+        term = torch.zeros_like(self.ids)
+        flat = torch.zeros_like(self.ids)
+        for i, cls in enumerate(self.classes):
             sel = which == i
-            flat[sel] = table[local[sel] // n_train]
+            counts[sel] = cls.counts[key[sel]]
+            term[sel] = cls.source[key[sel]]
+            flat[sel] = cls.locations.to(flat.device)[term[sel] // n_train]
         weights = torch.exp(self.values - log_norm[:, None])
         location = torch.stack([flat // width, flat % width], dim=-1)
-        return weights, image, location
+        return weights, counts.long(), term % n_train, location
 
 
 def le_mmse(

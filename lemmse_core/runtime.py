@@ -1,0 +1,19 @@
+"""Where and how computations run: the device and the seeds."""
+
+import random
+
+import numpy as np
+import torch
+
+
+def device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and PyTorch; return a CPU generator seeded with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (seeds code that uses the legacy global state)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
