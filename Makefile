@@ -1,0 +1,103 @@
+# lemmse: build the book, run the tests, open JupyterLab.
+#
+#   make book    set up .venv, fetch MathJax, build the book (executes the notebooks)
+#   make test    ruff, unit tests (tests/), every notebook of the book with nbval
+#   make lab     JupyterLab on book/ (MyST .md notebooks open as notebooks)
+#   make clean   remove _build/
+#
+# Any torch >= 2.4 works: `make book TORCH='torch>=2.4'`. The default pins the CPU build
+# that the development machines have as a local wheel.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+MATHJAX_VERSION ?= 3.2.2
+
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+PIP := $(PY) -m pip --quiet
+STAMP := $(VENV)/.installed
+LAB_STAMP := $(VENV)/.installed-lab
+MATHJAX_DIR := book/_static/mathjax
+MATHJAX := $(MATHJAX_DIR)/tex-chtml.js
+BOOK_INDEX := _build/html/index.html
+
+# Tools of the venv first, so that kernels and subprocesses use the project's Python.
+export PATH := $(abspath $(BIN)):$(PATH)
+export VIRTUAL_ENV := $(abspath $(VENV))
+
+.PHONY: help install book test lint unit nbval lab clean mathjax FORCE
+
+help:
+	@echo "make book   build the book into _build/html and print its path"
+	@echo "make test   lint, unit tests and every notebook of the book (nbval)"
+	@echo "make lab    start JupyterLab on book/"
+	@echo "make clean  remove _build/"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# The TORCH requirement the venv was installed with; rewritten only when it changes, so that
+# `make book TORCH=...` re-installs torch and everything else stays fast.
+TORCH_SPEC := $(VENV)/.torch-spec
+$(TORCH_SPEC): FORCE | $(PY)
+	@[[ -f $@ && "$$(cat $@)" == '$(TORCH)' ]] || echo '$(TORCH)' > $@
+
+# Re-install only when pyproject.toml or TORCH changes (delete the stamp to force it).
+$(STAMP): pyproject.toml $(TORCH_SPEC)
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[dev]"
+	@touch $@
+
+install: $(STAMP)
+
+$(MATHJAX):
+	bash scripts/fetch_mathjax.sh $(MATHJAX_VERSION) $(MATHJAX_DIR)
+
+mathjax: $(MATHJAX)
+
+book: $(STAMP) $(MATHJAX)
+	$(BIN)/jupyter-book build . --warningiserror
+	@index="$(CURDIR)/$(BOOK_INDEX)"; \
+	echo ""; echo "The book: $$index"; \
+	if [[ -z "$${CI:-}" && ( -n "$${DISPLAY:-}$${WAYLAND_DISPLAY:-}" || "$$(uname)" == Darwin ) ]]; then \
+		$(PY) -m webbrowser -t "file://$$index" >/dev/null 2>&1 || true; \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# pytest exits with 5 when it collects no test: not a failure while tests/ is young.
+unit: $(STAMP)
+	$(BIN)/pytest tests --durations=10 || { rc=$$?; [[ $$rc -eq 5 ]] || exit $$rc; }
+
+nbval: $(STAMP)
+	$(PY) scripts/nbval_toc.py
+
+test: lint unit nbval
+
+# JupyterLab and jupytext's server extension; the settings override (in the venv only)
+# makes a double click open the .md notebooks as notebooks.
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
+
+$(LAB_STAMP): pyproject.toml scripts/jupyterlab-overrides.json | $(STAMP)
+	$(PIP) install -e ".[dev,lab]"
+	mkdir -p $(dir $(LAB_SETTINGS))
+	cp scripts/jupyterlab-overrides.json $(LAB_SETTINGS)
+	@touch $@
+
+# Jupyter refuses to run as root unless told.
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
+
+lab: $(LAB_STAMP)
+	$(BIN)/jupyter lab --notebook-dir=book $(LAB_ARGS)
+
+clean:
+	rm -rf _build
+
+FORCE:
