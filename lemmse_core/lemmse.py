@@ -203,8 +203,9 @@ class LEMMSE:
                 parts[id(cls)][0].append(keys.to(self.dtype))
                 parts[id(cls)][1].append(centres[:, cls.locations].to(self.dtype))
         for cls in self.classes:
-            keys = torch.cat(parts[id(cls)][0]).transpose(0, 1).reshape(-1, cls.rank)
-            values = torch.cat(parts[id(cls)][1]).transpose(0, 1).reshape(-1, self.shape[0])
+            terms = len(cls.locations) * n
+            keys = torch.cat(parts[id(cls)][0]).transpose(0, 1).reshape(terms, cls.rank)
+            values = torch.cat(parts[id(cls)][1]).transpose(0, 1).reshape(terms, self.shape[0])
             parts[id(cls)] = None
             first, counts = _merge_duplicates(keys, values)
             cls.keys, cls.values = keys[first].to(device), values[first].to(device)
