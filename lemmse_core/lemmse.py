@@ -15,7 +15,11 @@ a GEMM between whitened queries and precomputed keys plus a streaming softmax. R
 stratification (Prop. B.5): a query ``u`` only uses the classes with ``u ∈ Im G``
 (``‖(I - UUᵀ) u‖ <= support_rtol ‖u‖``) of the smallest rank among those.
 
-Keys are whitened and centred in float64 and stored in ``dtype``; queries likewise.
+Keys are whitened in float64 and stored in ``dtype``. For float32 accuracy, each class is
+split into groups of keys that are close along their first principal direction, and each
+group is centred on its own mean before the dot products (queries shifted alike): a query's
+heavy terms are then computed from small vectors, where rounding is smallest. The split is
+exact: groups are merged through their log-sum-exp.
 """
 
 from __future__ import annotations
@@ -75,9 +79,10 @@ class _Class:
     whiten: torch.Tensor  # (r, P) float64
     basis: torch.Tensor  # (P, r) float64, orthonormal basis of Im G
     log_pdet: float
-    centre: torch.Tensor | None = None  # (r,) float64
-    keys: torch.Tensor | None = None  # (K, r) distinct centred keys
+    centre: torch.Tensor | None = None  # (r,) float64 mean of the keys
+    keys: torch.Tensor | None = None  # (K, r) distinct keys, each centred on its group
     half_sq: torch.Tensor | None = None  # (K,) ½‖key‖²
+    groups: list | None = None  # [(k0, k1, mean)]: keys k0:k1 minus mean (float64, (r,))
     values: torch.Tensor | None = None  # (K, C) centre pixels
     counts: torch.Tensor | None = None  # (K,) float64 number of identical terms
     source: torch.Tensor | None = None  # (K,) first term index t of each key
@@ -141,6 +146,33 @@ def _whitening(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     keep = lam > cut if lam.max() > 0 else torch.zeros_like(lam, dtype=torch.bool)
     lam, vec = lam[keep], vec[:, keep]
     return (vec / lam.sqrt()).T.contiguous(), vec, float(lam.log().sum())
+
+
+def _group_keys(keys: torch.Tensor, size: int = 16384, max_groups: int = 32):
+    """Order keys along their first principal direction; split into contiguous groups.
+
+    Returns ``(order, [(k0, k1, mean)])`` with float64 group means of the ordered keys.
+    """
+    n_groups = min(max_groups, -(-len(keys) // size)) if keys.shape[1] else 1
+    if n_groups <= 1:
+        return torch.arange(len(keys)), [(0, len(keys), keys.double().mean(dim=0))]
+    sample = keys[torch.randperm(len(keys), generator=torch.Generator().manual_seed(0))[:size]]
+    sample = sample.double() - sample.double().mean(dim=0)
+    direction = torch.linalg.eigh(sample.T @ sample)[1][:, -1]
+    order = torch.argsort(keys.double() @ direction)
+    bounds = torch.linspace(0, len(keys), n_groups + 1).round().long().tolist()
+    ordered = keys[order].double()
+    pairs = zip(bounds[:-1], bounds[1:], strict=True)
+    groups = [(k0, k1, ordered[k0:k1].mean(dim=0)) for k0, k1 in pairs]
+    return order, groups
+
+
+def _centre_groups(keys: torch.Tensor, groups) -> torch.Tensor:
+    """Subtract each group's mean from its keys (in float64, stored back in ``keys.dtype``)."""
+    out = torch.empty_like(keys)
+    for k0, k1, mean in groups:
+        out[k0:k1] = (keys[k0:k1].double() - mean).to(keys.dtype)
+    return out
 
 
 class LEMMSE:
@@ -208,10 +240,14 @@ class LEMMSE:
             values = torch.cat(parts[id(cls)][1]).transpose(0, 1).reshape(terms, self.shape[0])
             parts[id(cls)] = None
             first, counts = _merge_duplicates(keys, values)
-            cls.keys, cls.values = keys[first].to(device), values[first].to(device)
-            cls.half_sq = 0.5 * cls.keys.double().pow(2).sum(dim=1).to(self.dtype)
-            cls.counts, cls.source = counts.to(device), first.to(device)
+            order, cls.groups = _group_keys(keys[first])
+            first = first[order]
+            keys = _centre_groups(keys[first], cls.groups).to(device)
+            cls.keys, cls.values = keys, values[first].to(device)
+            cls.half_sq = 0.5 * keys.double().pow(2).sum(dim=1).to(self.dtype)
+            cls.counts, cls.source = counts[order].to(device), first.to(device)
             cls.centre = cls.centre.to(device)
+            cls.groups = [(k0, k1, mean.to(device)) for k0, k1, mean in cls.groups]
 
     # ----------------------------------------------------------------------- queries
 
@@ -238,28 +274,31 @@ class LEMMSE:
         return stratum, admissible & (ranks[None] == stratum[:, None])
 
     def _queries(self, u, active, sigma):
-        """Per class with active queries: ``(rows, cls, q, offset)``.
+        """Per class and key group: ``(rows, cls, k0, k1, q, offset)``.
 
-        ``q`` are the whitened, centred queries in ``dtype``; the log-weight of term
-        ``(row, key)`` is ``(q·key - ½‖key‖²) / σ² + offset[row]`` (``offset`` float64).
+        ``q`` are the whitened queries minus the group mean, in ``dtype``; the log-weight of
+        term ``(row, key)`` is ``(q·key - ½‖key‖²) / σ² + offset[row]`` (``offset`` float64).
         """
         for i, cls in enumerate(self.classes):
             rows = torch.nonzero(active[:, i]).flatten()
-            if len(rows):
-                q = u[rows] @ cls.whiten.T.to(u.device) - cls.centre
+            if len(rows) == 0:
+                continue
+            whitened = u[rows] @ cls.whiten.T.to(u.device) - cls.centre
+            for k0, k1, mean in cls.groups:
+                q = whitened - mean
                 offset = -0.5 * q.pow(2).sum(dim=1) / sigma**2 - 0.5 * cls.log_pdet
-                yield rows, cls, q.to(self.dtype), offset
+                yield rows, cls, k0, k1, q.to(self.dtype), offset
 
     def _blocks(self, u, active, sigma, chunk_size, progress):
         """Yield ``(rows, cls, k0, k1, s, offset)``: per-term logits ``s + offset[:, None]``."""
         max_block = 2**22  # logits per block (16 MiB in float32)
         key_block = chunk_size or 65536
+        query_block = max(1, max_block // key_block)
         work = list(self._queries(u, active, sigma))
-        bar = tqdm(total=sum(len(w[1].keys) for w in work), disable=not progress)
-        for rows, cls, q, offset in work:
-            query_block = max(1, max_block // key_block)
-            for k0 in range(0, len(cls.keys), key_block):
-                k1 = min(k0 + key_block, len(cls.keys))
+        bar = tqdm(total=sum(w[3] - w[2] for w in work), disable=not progress)
+        for rows, cls, g0, g1, q, offset in work:
+            for k0 in range(g0, g1, key_block):
+                k1 = min(k0 + key_block, g1)
                 keys, half_sq = cls.keys[k0:k1], cls.half_sq[k0:k1]
                 for q0 in range(0, len(rows), query_block):
                     sl = slice(q0, q0 + query_block)
@@ -294,11 +333,11 @@ class LEMMSE:
         state = StreamingSoftmax(len(u), device=u.device)
         acc = torch.zeros(len(u), self.shape[0], dtype=torch.float64, device=u.device)
         work = list(self._queries(u, active, sigma))
-        bar = tqdm(total=sum(len(w[1].keys) for w in work), disable=not progress)
-        for rows, cls, q, offset in work:
-            step = chunk_size or len(cls.keys)
-            for k0 in range(0, len(cls.keys), step):
-                k1 = min(k0 + step, len(cls.keys))
+        bar = tqdm(total=sum(w[3] - w[2] for w in work), disable=not progress)
+        for rows, cls, g0, g1, q, offset in work:
+            step = chunk_size or g1 - g0
+            for k0 in range(g0, g1, step):
+                k1 = min(k0 + step, g1)
                 out, log_norm = self._attend(q, cls, sigma, k0, k1)
                 block = log_norm + offset
                 new, scale = state.update(block, rows)
