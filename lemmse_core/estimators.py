@@ -90,8 +90,8 @@ def _correlate(a_hat: torch.Tensor, b_hat: torch.Tensor) -> torch.Tensor:
 def _all_shifts(x: torch.Tensor) -> torch.Tensor:
     """``T_g x`` for every shift g: ``(n, H, W, C, H, W)`` with ``[:, gi, gj] = roll(x, g)``."""
     h, w = x.shape[-2:]
-    rows = (torch.arange(h)[:, None] - torch.arange(h)[None, :]) % h  # [g, n] = n - g
-    cols = (torch.arange(w)[:, None] - torch.arange(w)[None, :]) % w
+    rows = (torch.arange(h)[None, :] - torch.arange(h)[:, None]) % h  # [g, n] = n - g
+    cols = (torch.arange(w)[None, :] - torch.arange(w)[:, None]) % w
     out = x[:, :, rows][..., cols]  # (n, C, gi, H, gj, W)
     return out.permute(0, 2, 4, 1, 3, 5)
 
