@@ -1,32 +1,40 @@
 """Run-size profiles of the book: ``quick`` (default, a 2-core CPU) and ``paper`` (a GPU).
 
 Set ``LEMMSE_PROFILE=paper`` before starting Jupyter or building the book. Each notebook
-reads its settings in a hidden setup cell: ``settings = profiles.current()``.
+reads its settings in a hidden setup cell: ``settings = profiles.settings("mmse")``. Every
+chapter has one entry per profile, with the same keys in both.
 """
 
 import os
 from types import MappingProxyType
 
-PROFILES = MappingProxyType(
-    {
-        "quick": MappingProxyType(
-            {
-                "n_train": 500,  # training images for the closed forms
-                "n_test": 4,  # test images per experiment
-                "patch_size": 5,
-                "sigmas": (0.05, 0.1, 0.2, 0.5, 1.0),
-            }
-        ),
-        "paper": MappingProxyType(
-            {
-                "n_train": 10000,
-                "n_test": 32,
-                "patch_size": 5,
-                "sigmas": (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
-            }
-        ),
-    }
-)
+_QUICK = {
+    "tour": {"n_train": 500, "patch_size": 5},
+    "preinverses": {"n_train": 200, "n_test": 4, "size": 28},
+    "mmse": {"n_train": 200, "n_test": 4, "size": 16, "mc_samples": 200},
+    "equivariance": {"n_train": 100, "n_test": 4, "size": 16},
+    "locality": {"n_train": 300, "n_test": 4, "patch_size": 5},
+    "physics": {"n_train": 300, "n_test": 4, "patch_size": 5},
+    "degenerate": {"mc_samples": 200000},
+    "cnn": {"n_train": 1000, "n_test": 4, "patch_size": 5, "preset": "tiny", "steps": 1500},
+}
+_PAPER = {
+    "tour": {"n_train": 10000, "patch_size": 5},
+    "preinverses": {"n_train": 10000, "n_test": 32, "size": 28},
+    "mmse": {"n_train": 10000, "n_test": 32, "size": 28, "mc_samples": 2000},
+    "equivariance": {"n_train": 2000, "n_test": 32, "size": 28},
+    "locality": {"n_train": 10000, "n_test": 32, "patch_size": 5},
+    "physics": {"n_train": 10000, "n_test": 32, "patch_size": 5},
+    "degenerate": {"mc_samples": 2000000},
+    "cnn": {"n_train": 50000, "n_test": 32, "patch_size": 5, "preset": "paper", "steps": 100000},
+}
+
+
+def _freeze(table):
+    return MappingProxyType({k: MappingProxyType(v) for k, v in table.items()})
+
+
+PROFILES = MappingProxyType({"quick": _freeze(_QUICK), "paper": _freeze(_PAPER)})
 
 
 def name() -> str:
@@ -37,6 +45,9 @@ def name() -> str:
     return value
 
 
-def current() -> MappingProxyType:
-    """Settings of the active profile (read-only mapping)."""
-    return PROFILES[name()]
+def settings(chapter: str) -> MappingProxyType:
+    """Settings of ``chapter`` in the active profile (read-only mapping)."""
+    table = PROFILES[name()]
+    if chapter not in table:
+        raise ValueError(f"chapter must be one of {sorted(table)}, got {chapter!r}")
+    return table[chapter]

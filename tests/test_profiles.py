@@ -4,18 +4,26 @@ import torch
 from lemmse_core import profiles, runtime
 
 
-def test_profiles_share_keys_and_default_is_quick(monkeypatch):
-    assert set(profiles.PROFILES["quick"]) == set(profiles.PROFILES["paper"])
+def test_profiles_have_the_same_chapters_and_keys():
+    quick, paper = profiles.PROFILES["quick"], profiles.PROFILES["paper"]
+    assert set(quick) == set(paper)
+    for chapter in quick:
+        assert set(quick[chapter]) == set(paper[chapter]), chapter
+
+
+def test_default_profile_is_quick(monkeypatch):
     monkeypatch.delenv("LEMMSE_PROFILE", raising=False)
     assert profiles.name() == "quick"
     monkeypatch.setenv("LEMMSE_PROFILE", "paper")
-    assert profiles.current()["n_train"] > profiles.PROFILES["quick"]["n_train"]
+    assert profiles.settings("tour")["n_train"] > profiles.PROFILES["quick"]["tour"]["n_train"]
 
 
-def test_unknown_profile_is_rejected(monkeypatch):
+def test_unknown_profile_or_chapter_is_rejected(monkeypatch):
+    with pytest.raises(ValueError, match="chapter"):
+        profiles.settings("nope")
     monkeypatch.setenv("LEMMSE_PROFILE", "huge")
     with pytest.raises(ValueError, match="LEMMSE_PROFILE"):
-        profiles.current()
+        profiles.settings("tour")
 
 
 def test_seed_everything_is_reproducible():
