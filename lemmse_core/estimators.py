@@ -90,8 +90,9 @@ def _correlate(a_hat: torch.Tensor, b_hat: torch.Tensor) -> torch.Tensor:
 def _all_shifts(x: torch.Tensor) -> torch.Tensor:
     """``T_g x`` for every shift g: ``(n, H, W, C, H, W)`` with ``[:, gi, gj] = roll(x, g)``."""
     h, w = x.shape[-2:]
-    rows = (torch.arange(h)[None, :] - torch.arange(h)[:, None]) % h  # [g, n] = n - g
-    cols = (torch.arange(w)[None, :] - torch.arange(w)[:, None]) % w
+    idx_h, idx_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    rows = (idx_h[None, :] - idx_h[:, None]) % h  # [g, n] = n - g
+    cols = (idx_w[None, :] - idx_w[:, None]) % w
     out = x[:, :, rows][..., cols]  # (n, C, gi, H, gj, W)
     return out.permute(0, 2, 4, 1, 3, 5)
 
@@ -232,15 +233,16 @@ def augmented_mmse(
 class _EquivariantMetric:
     """``(BBᵀ)⁺`` and the support test of the E-MMSE, by the structure of ``B``."""
 
-    def __init__(self, B: LinearMap, y_shape, image_shape):
+    def __init__(self, B: LinearMap, y_shape, image_shape, device):
         self.B, self.kind = B, B.structure
         c, h, w = image_shape
         if self.kind == "circulant":
             t = B.transfer(h, w)
             keep = transfer_support(t)
             self.filter = torch.where(keep, 1.0 / torch.where(keep, t.abs(), 1.0), 0.0)
+            self.filter = self.filter.to(device)
         elif self.kind == "diagonal":
-            beta = B.diagonal(image_shape).double()
+            beta = B.diagonal(image_shape).double().to(device)
             support = beta != 0
             self.omega = torch.where(support, 1.0 / torch.where(support, beta, 1.0) ** 2, 0.0)
             self.outside_hat = torch.fft.fft2((~support).double())
@@ -249,8 +251,8 @@ class _EquivariantMetric:
             matrix = B.matrix(y_shape)
             u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
             rank = int((s > s.max() * max(matrix.shape) * torch.finfo(s.dtype).eps).sum())
-            self.basis = u[:, :rank]
-            self.whiten = (u[:, :rank] / s[:rank]).T  # (r, D): (BBᵀ)⁺ = Wᵀ W
+            self.basis = u[:, :rank].to(device)
+            self.whiten = (u[:, :rank] / s[:rank]).T.to(device)  # (r, D): (BBᵀ)⁺ = Wᵀ W
 
     def prepare(self, v: torch.Tensor) -> dict:
         """Per-query quantities that do not depend on the training images."""
@@ -312,7 +314,7 @@ def e_mmse(
     """
     B = check_problem(y, train, A, B)
     sigma, dtype = check_sigma(sigma), check_dtype(dtype)
-    metric = _EquivariantMetric(B, tuple(y.shape[1:]), tuple(train.shape[1:]))
+    metric = _EquivariantMetric(B, tuple(y.shape[1:]), tuple(train.shape[1:]), y.device)
     q = metric.prepare(B.A(y.double()))
     avg = _ShiftSoftmaxAverage(y.shape[0], train)
     per_image = 32 * train[0].numel() * (y.shape[0] + 1)
