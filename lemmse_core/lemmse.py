@@ -92,18 +92,25 @@ class _Class:
         return self.whiten.shape[0]
 
 
+_ROWS = 1 << 17  # rows per chunk when preprocessing keys (bounds the temporaries)
+
+
 def _merge_duplicates(keys: torch.Tensor, values: torch.Tensor):
     """Exact merge of identical rows of ``[keys, values]``: ``(first, counts)``.
 
     Rows are sorted by a random projection (a hash); equal neighbours are merged, so a
     hash collision only costs a missed merge, never a wrong one.
     """
-    rows = torch.cat([keys, values], dim=1)
-    direction = torch.randn(rows.shape[1], generator=torch.Generator().manual_seed(0))
-    order = torch.argsort(rows @ direction.to(rows), stable=True)
-    ranked = rows[order]
-    starts = torch.ones(len(rows), dtype=torch.bool, device=rows.device)
-    starts[1:] = (ranked[1:] != ranked[:-1]).any(dim=1)
+    gen = torch.Generator().manual_seed(0)
+    hash_k = torch.randn(keys.shape[1], generator=gen).to(keys)
+    hash_v = torch.randn(values.shape[1], generator=gen).to(values)
+    order = torch.argsort(keys @ hash_k + values @ hash_v, stable=True)
+    starts = torch.ones(len(keys), dtype=torch.bool, device=keys.device)
+    for i0 in range(1, len(keys), _ROWS):
+        cur = order[i0 : i0 + _ROWS]
+        prev = order[i0 - 1 : i0 - 1 + len(cur)]
+        differs = (keys[cur] != keys[prev]).any(dim=1) | (values[cur] != values[prev]).any(dim=1)
+        starts[i0 : i0 + _ROWS] = differs
     group = torch.cumsum(starts, dim=0) - 1
     counts = torch.bincount(group, minlength=int(starts.sum())).double()
     return order[starts], counts
@@ -148,30 +155,32 @@ def _whitening(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     return (vec / lam.sqrt()).T.contiguous(), vec, float(lam.log().sum())
 
 
-def _group_keys(keys: torch.Tensor, size: int = 16384, max_groups: int = 32):
-    """Order keys along their first principal direction; split into contiguous groups.
+def _group_keys(keys: torch.Tensor, rows: torch.Tensor, size: int = 16384, max_groups=32):
+    """Order ``keys[rows]`` along their first principal direction; split into groups.
 
-    Returns ``(order, [(k0, k1, mean)])`` with float64 group means of the ordered keys.
+    Returns ``(order, [(k0, k1, mean)])``: ``rows[order]`` is the new key order and the
+    float64 ``mean`` of each contiguous group of it.
     """
-    n_groups = min(max_groups, -(-len(keys) // size)) if keys.shape[1] else 1
+    n_groups = min(max_groups, -(-len(rows) // size)) if keys.shape[1] else 1
     if n_groups <= 1:
-        return torch.arange(len(keys)), [(0, len(keys), keys.double().mean(dim=0))]
-    sample = keys[torch.randperm(len(keys), generator=torch.Generator().manual_seed(0))[:size]]
-    sample = sample.double() - sample.double().mean(dim=0)
-    direction = torch.linalg.eigh(sample.T @ sample)[1][:, -1]
-    order = torch.argsort(keys.double() @ direction)
-    bounds = torch.linspace(0, len(keys), n_groups + 1).round().long().tolist()
-    ordered = keys[order].double()
+        return torch.arange(len(rows)), [(0, len(rows), keys[rows].double().mean(dim=0))]
+    pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:size]
+    sample = keys[rows[pick]].double()
+    sample -= sample.mean(dim=0)
+    direction = torch.linalg.eigh(sample.T @ sample)[1][:, -1].to(keys)
+    proj = torch.cat([keys[rows[i : i + _ROWS]] @ direction for i in range(0, len(rows), _ROWS)])
+    order = torch.argsort(proj)
+    bounds = torch.linspace(0, len(rows), n_groups + 1).round().long().tolist()
     pairs = zip(bounds[:-1], bounds[1:], strict=True)
-    groups = [(k0, k1, ordered[k0:k1].mean(dim=0)) for k0, k1 in pairs]
+    groups = [(k0, k1, keys[rows[order[k0:k1]]].double().mean(dim=0)) for k0, k1 in pairs]
     return order, groups
 
 
-def _centre_groups(keys: torch.Tensor, groups) -> torch.Tensor:
-    """Subtract each group's mean from its keys (in float64, stored back in ``keys.dtype``)."""
-    out = torch.empty_like(keys)
+def _centre_groups(keys: torch.Tensor, rows: torch.Tensor, groups) -> torch.Tensor:
+    """``keys[rows]`` minus the mean of each group (in float64, stored in ``keys.dtype``)."""
+    out = torch.empty(len(rows), keys.shape[1], dtype=keys.dtype, device=keys.device)
     for k0, k1, mean in groups:
-        out[k0:k1] = (keys[k0:k1].double() - mean).to(keys.dtype)
+        out[k0:k1] = (keys[rows[k0:k1]].double() - mean).to(keys.dtype)
     return out
 
 
@@ -223,29 +232,34 @@ class LEMMSE:
             for k0 in range(0, n, step)
         )
         mean_patches = extract_patches(mean_image[None] / n, self.p)[0].cpu()
-        parts = {id(c): ([], []) for c in self.classes}
+        c = self.shape[0]
+        store = {}
         for cls in self.classes:
             cls.centre = mean_patches[cls.locations].mean(dim=0) @ cls.whiten.T
+            locs = len(cls.locations)
+            store[id(cls)] = (
+                torch.empty(locs, n, cls.rank, dtype=self.dtype),
+                torch.empty(locs, n, c, dtype=self.dtype),
+            )
         for k0 in tqdm(range(0, n, step), desc="LE-MMSE keys", disable=not progress):
             x = self.train[k0 : k0 + step].double()
             patches = extract_patches(self.B.A(self.A.A(x)), self.p).cpu()  # (k, H·W, P)
             centres = x.flatten(2).transpose(1, 2).cpu()  # (k, H·W, C)
             for cls in self.classes:
-                keys = patches[:, cls.locations] @ cls.whiten.T - cls.centre
-                parts[id(cls)][0].append(keys.to(self.dtype))
-                parts[id(cls)][1].append(centres[:, cls.locations].to(self.dtype))
+                keys, values = store[id(cls)]
+                whitened = patches[:, cls.locations] @ cls.whiten.T - cls.centre
+                keys[:, k0 : k0 + step] = whitened.transpose(0, 1)
+                values[:, k0 : k0 + step] = centres[:, cls.locations].transpose(0, 1)
         for cls in self.classes:
-            terms = len(cls.locations) * n
-            keys = torch.cat(parts[id(cls)][0]).transpose(0, 1).reshape(terms, cls.rank)
-            values = torch.cat(parts[id(cls)][1]).transpose(0, 1).reshape(terms, self.shape[0])
-            parts[id(cls)] = None
+            keys, values = (t.reshape(-1, t.shape[-1]) for t in store.pop(id(cls)))
             first, counts = _merge_duplicates(keys, values)
-            order, cls.groups = _group_keys(keys[first])
-            first = first[order]
-            keys = _centre_groups(keys[first], cls.groups).to(device)
-            cls.keys, cls.values = keys, values[first].to(device)
-            cls.half_sq = 0.5 * keys.double().pow(2).sum(dim=1).to(self.dtype)
-            cls.counts, cls.source = counts[order].to(device), first.to(device)
+            order, cls.groups = _group_keys(keys, first)
+            rows = first[order]
+            cls.keys = _centre_groups(keys, rows, cls.groups).to(device)
+            cls.values = values[rows].to(device)
+            del keys, values
+            cls.half_sq = 0.5 * cls.keys.double().pow(2).sum(dim=1).to(self.dtype)
+            cls.counts, cls.source = counts[order].to(device), rows.to(device)
             cls.centre = cls.centre.to(device)
             cls.groups = [(k0, k1, mean.to(device)) for k0, k1, mean in cls.groups]
 

@@ -10,7 +10,7 @@ from types import MappingProxyType
 
 _QUICK = {
     "tour": {"n_train": 500, "patch_size": 5},
-    "preinverses": {"n_train": 200, "n_test": 4, "size": 28},
+    "preinverses": {"ffhq_size": 32, "dense_size": 8, "noise_samples": 2000},
     "mmse": {"n_train": 200, "n_test": 4, "size": 16, "mc_samples": 200},
     "equivariance": {"n_train": 100, "n_test": 4, "size": 16},
     "locality": {"n_train": 300, "n_test": 4, "patch_size": 5},
@@ -20,7 +20,7 @@ _QUICK = {
 }
 _PAPER = {
     "tour": {"n_train": 10000, "patch_size": 5},
-    "preinverses": {"n_train": 10000, "n_test": 32, "size": 28},
+    "preinverses": {"ffhq_size": 64, "dense_size": 12, "noise_samples": 20000},
     "mmse": {"n_train": 10000, "n_test": 32, "size": 28, "mc_samples": 2000},
     "equivariance": {"n_train": 2000, "n_test": 32, "size": 28},
     "locality": {"n_train": 10000, "n_test": 32, "patch_size": 5},
