@@ -251,7 +251,7 @@ class LEMMSE:
                 keys[:, k0 : k0 + step] = whitened.transpose(0, 1)
                 values[:, k0 : k0 + step] = centres[:, cls.locations].transpose(0, 1)
         for cls in self.classes:
-            keys, values = (t.reshape(-1, t.shape[-1]) for t in store.pop(id(cls)))
+            keys, values = (t.flatten(0, 1) for t in store.pop(id(cls)))
             first, counts = _merge_duplicates(keys, values)
             order, cls.groups = _group_keys(keys, first)
             rows = first[order]

@@ -705,3 +705,21 @@ def test_smoothed_le_mmse_is_the_monte_carlo_average():
     )
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     assert (got - lc.le_mmse(y, train, A, 0.3, 3, dtype=torch.float64)).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("diagnostics", [False, True])
+def test_le_mmse_with_fully_hidden_patches(diagnostics):
+    """Rank-0 locations: patches entirely inside the hole match only each other."""
+    shape = (1, 7, 7)
+    A = ops.Inpainting.center(shape, box=5)
+    B = ops.preinverse(A, "adjoint")
+    gen = torch.Generator().manual_seed(3)
+    train = torch.rand((4, *shape), generator=gen, dtype=torch.float64)
+    y = A.measure(torch.rand((2, *shape), generator=gen, dtype=torch.float64), 0.2, gen)
+    ref = ref_le_mmse(y, train, A, 0.2, 3, B)
+    out = lc.le_mmse(y, train, A, 0.2, 3, B, dtype=torch.float64, diagnostics=diagnostics)
+    if diagnostics:
+        out, diag = out
+        assert (diag.rank[:, 3, 3] == 0).all()
+        torch.testing.assert_close(diag.log_density, ref.log_density, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(out, ref.x_hat, rtol=1e-8, atol=1e-8)
