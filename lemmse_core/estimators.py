@@ -157,7 +157,7 @@ def mmse(
     keep = proj or (lambda r: r)
     py = keep(y.double()).flatten(1)
     logits = []
-    per_image = py.shape[0] * py.shape[1] * 8
+    per_image = 8 * (py.shape[0] + 2 * py.shape[1])  # one row of logits, A x_k and P_B A x_k
     for k0, k1 in _image_chunks(train.shape[0], per_image, chunk_size):
         pax = keep(A.A(train[k0:k1].double())).flatten(1)
         logits.append(-torch.cdist(py, pax).pow(2) / (2 * sigma**2))

@@ -24,7 +24,9 @@ def extract_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     """
     r = patch_size // 2
     padded = F.pad(x, (r, r, r, r), mode="circular") if r else x
-    return F.unfold(padded, patch_size).transpose(1, 2)
+    windows = padded.unfold(2, patch_size, 1).unfold(3, patch_size, 1)  # (n, C, H, W, p, p)
+    n, c, h, w = x.shape
+    return windows.permute(0, 2, 3, 1, 4, 5).reshape(n, h * w, c * patch_size**2)
 
 
 def patch_at(x: torch.Tensor, patch_size: int, i: int, j: int) -> torch.Tensor:
