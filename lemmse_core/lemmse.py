@@ -85,6 +85,7 @@ class _Class:
     groups: list | None = None  # [(k0, k1, mean)]: keys k0:k1 minus mean (float64, (r,))
     values: torch.Tensor | None = None  # (K, C) centre pixels
     counts: torch.Tensor | None = None  # (K,) float64 number of identical terms
+    log_counts: torch.Tensor | None = None  # (K,) their logs, in ``dtype``
     source: torch.Tensor | None = None  # (K,) first term index t of each key
 
     @property
@@ -260,6 +261,7 @@ class LEMMSE:
             del keys, values
             cls.half_sq = 0.5 * cls.keys.double().pow(2).sum(dim=1).to(self.dtype)
             cls.counts, cls.source = counts[order].to(device), rows.to(device)
+            cls.log_counts = cls.counts.log().to(self.dtype)
             cls.centre = cls.centre.to(device)
             cls.groups = [(k0, k1, mean.to(device)) for k0, k1, mean in cls.groups]
 
@@ -367,9 +369,9 @@ class LEMMSE:
         state = StreamingSoftmax(len(u), device=u.device)
         acc = torch.zeros(len(u), self.shape[0], dtype=torch.float64, device=u.device)
         for rows, cls, k0, k1, s, offset in self._blocks(u, active, sigma, chunk_size, progress):
-            log_c = cls.counts[k0:k1].log().to(s.dtype)
-            new, scale = state.update((s + log_c).max(dim=1).values.double() + offset, rows)
-            p = torch.exp(s + log_c - (new - offset).to(s.dtype)[:, None])
+            s_c = s + cls.log_counts[k0:k1]
+            new, scale = state.update(s_c.max(dim=1).values.double() + offset, rows)
+            p = torch.exp(s_c.sub_((new - offset).to(s.dtype)[:, None]))
             acc[rows] = acc[rows] * scale[:, None] + (p @ cls.values[k0:k1]).double()
             state.add(p.sum(dim=1), rows)
             top.update(rows, cls, k0, s, offset)

@@ -137,8 +137,9 @@ class ForwardOperator(LinearMap):
         """Draw ``y = A x + sigma e`` with ``e`` standard Gaussian on every output pixel."""
         sigma = _check_positive(sigma, "sigma")
         ax = self.A(x)
-        noise = torch.randn(ax.shape, generator=generator, dtype=ax.dtype, device=ax.device)
-        return ax + sigma * noise
+        where = ax.device if generator is None else generator.device
+        noise = torch.randn(ax.shape, generator=generator, dtype=ax.dtype, device=where)
+        return ax + sigma * noise.to(ax.device)
 
 
 # ------------------------------------------------------------------------- identity
