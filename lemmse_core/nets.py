@@ -44,7 +44,7 @@ SIGMA_DATA = 0.5
 # checks the parameter counts; the paper preset is about 4M as in the paper's Table 3).
 _PRESETS = {
     "unet": {
-        "tiny": {"block_out_channels": (16, 32, 32), "layers_per_block": 1},
+        "tiny": {"block_out_channels": (16, 32), "layers_per_block": 1},
         "small": {"block_out_channels": (32, 64, 96), "layers_per_block": 1},
         "paper": {"block_out_channels": (96, 224, 480), "layers_per_block": 1},
     },
@@ -211,8 +211,8 @@ def _norm2d(norm: str, channels: int) -> nn.Module:
 
 
 def _radii(total: int, slots: int) -> list[int]:
-    """Spread a receptive-field radius ``total`` over ``slots`` layers: 1 each in order
-    (3 × 3 kernels), the remainder on the first slot; the rest are 1 × 1."""
+    """Spread a receptive-field radius ``total`` over ``slots`` layers in order: 1 each
+    (3 × 3 kernels) and the remainder on the first slot; the later slots get 0 (1 × 1)."""
     radii = [1 if i < total else 0 for i in range(slots)]
     radii[0] += max(0, total - slots)
     return radii
@@ -226,11 +226,15 @@ class UNet2D(LocalDenoiser):
     stride, so every block runs at full resolution with circular padding, and the "U" is the
     channel widths ``block_out_channels`` going up and back down, with diffusers' skip
     connections (each down-block output is concatenated to the input of an up block). To fix
-    the receptive field, the ``(p - 1) / 2`` unit radii are given as 3 × 3 kernels to, in
-    order, ``conv_in``, ``conv_out``, the mid block, the down blocks and the up blocks (the
-    first convolution of each ResNet block); every other convolution is 1 × 1 (for p = 5:
-    3 × 3 ``conv_in`` and ``conv_out``, as in the paper's code). The longest path through the
-    network crosses all of them, so the field is exactly ``p``. σ: sine-cosine embedding,
+    the receptive field, the ``(p - 1) / 2`` unit radii are given as 3 × 3 kernels to the
+    first layers of the main path, in order ``conv_in``, the down blocks (the first
+    convolution of each ResNet block), the mid block, the up blocks, ``conv_out``; every
+    other convolution is 1 × 1. The main path crosses all of them, so the field is exactly
+    ``p``. For p = 5 these are ``conv_in`` and the first down block, so that the deep 1 × 1
+    layers see the whole patch. (The paper's code puts them at ``conv_in`` and
+    ``conv_out``; then the last layer only combines, linearly, nonlinear features of 3 × 3
+    patches, which limits what the network can represent: measured here, the tiny preset's
+    agreement with the LE-MMSE then levelled off at about 26 dB.) σ: sine-cosine embedding,
     two linear layers, a linear projection added in every ResNet block.
     """
 
@@ -238,7 +242,7 @@ class UNet2D(LocalDenoiser):
         self,
         patch_size: int = 5,
         channels: int = 1,
-        block_out_channels=(16, 32, 32),
+        block_out_channels=(16, 32),
         layers_per_block: int = 1,
         norm: str = "batch",
         precondition: bool = True,
@@ -251,10 +255,11 @@ class UNet2D(LocalDenoiser):
         emb_dim = 4 * c0
         self.embedding = SigmaEmbedding(c0, emb_dim)
         n_down = levels * layers_per_block
-        # slots: conv_in, conv_out, mid, down blocks, up blocks (one more than down)
-        r = _radii((patch_size - 1) // 2, 3 + 2 * n_down + 1)
-        k_in, k_out, k_mid, *k_blocks = (2 * ri + 1 for ri in r)
-        k_down, k_up = k_blocks[:n_down], k_blocks[n_down:]
+        # slots in the order of the main path: conv_in, down blocks, mid, up blocks (one
+        # more than down), conv_out
+        kernels = [2 * r + 1 for r in _radii((patch_size - 1) // 2, 2 * n_down + 4)]
+        k_in, k_down, k_mid = kernels[0], kernels[1 : n_down + 1], kernels[n_down + 1]
+        k_up, k_out = kernels[n_down + 2 : -1], kernels[-1]
         self.conv_in = _conv(channels, c0, k_in)
         self.down = nn.ModuleList()
         skips, c = [c0], c0

@@ -40,7 +40,7 @@ from . import nets, operators, runtime
 from .data import load
 
 # Bump when a change of the networks or of the training loop makes old runs stale.
-VERSION = 1
+VERSION = 2
 CHECKPOINT = "checkpoint.pt"
 DONE = "done"
 CONFIG = "config.json"
@@ -238,7 +238,12 @@ def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def _build(config: TrainConfig, device) -> nn.Module:
-    return nets.build(config.net, config.patch_size, config.channels, config.preset).to(device)
+    """The network of ``config``, initialised on the CPU from ``config.seed`` (the global
+    random state is left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        net = nets.build(config.net, config.patch_size, config.channels, config.preset)
+    return net.to(device)
 
 
 def load_checkpoint(path: Path, device=None) -> dict:
@@ -304,20 +309,22 @@ def fit(
     A, B = build_operators(config, tuple(train_images.shape[1:]))
     A, B = A.to(device), B.to(device)
 
-    def save():
+    def save() -> float:
+        total = seconds + time.perf_counter() - start
         state = {
             "model": model.state_dict(),
             "ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(),
             "step": step,
             "history": history,
-            "seconds": seconds + time.perf_counter() - start,
+            "seconds": total,
             "config": config.to_dict(),
             "version": VERSION,
         }
         _atomic_save(state, checkpoint)
+        return total
 
-    start = time.perf_counter()
+    start, total = time.perf_counter(), seconds
     running = history[-1] if history else None
     bar = tqdm(
         total=config.steps,
@@ -349,14 +356,13 @@ def fit(
             bar.update(1)
             bar.set_postfix(loss=f"{running:.2e}", refresh=False)
             if step % checkpoint_every == 0 or step == config.steps:
-                save()
+                total = save()
             if callback is not None:
                 callback(step, value)
     finally:
         bar.close()
-    seconds += time.perf_counter() - start
-    (folder / DONE).write_text(f"{step} steps, {seconds:.1f} s\n", encoding="utf-8")
-    return _finished(config, model, ema, history, seconds, folder, loaded=False)
+    (folder / DONE).write_text(f"{step} steps, {total:.1f} s\n", encoding="utf-8")
+    return _finished(config, model, ema, history, total, folder, loaded=False)
 
 
 def _finished(config, model, ema, history, seconds, folder, loaded) -> TrainedRun:
