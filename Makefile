@@ -1,7 +1,8 @@
 # lemmse: build the book, run the tests, open JupyterLab.
 #
 #   make book    set up .venv, fetch MathJax, build the book (executes the notebooks)
-#   make test    ruff, unit tests (tests/), every notebook of the book with nbval
+#   make test    ruff, unit tests (tests/), the experiment runs, every notebook with nbval
+#   make runs    train and evaluate the experiment grid of the profile (cached in runs/)
 #   make lab     JupyterLab on book/ (MyST .md notebooks open as notebooks)
 #   make clean   remove _build/
 #
@@ -30,11 +31,12 @@ BOOK_INDEX := _build/html/index.html
 export PATH := $(abspath $(BIN)):$(PATH)
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: help install book test lint unit nbval lab clean mathjax FORCE
+.PHONY: help install book test lint unit runs nbval lab clean mathjax FORCE
 
 help:
 	@echo "make book   build the book into _build/html and print its path"
-	@echo "make test   lint, unit tests and every notebook of the book (nbval)"
+	@echo "make test   lint, unit tests, the experiment runs and every notebook (nbval)"
+	@echo "make runs   train and evaluate the experiment grid (runs/, reused by the book)"
 	@echo "make lab    start JupyterLab on book/"
 	@echo "make clean  remove _build/"
 
@@ -60,7 +62,10 @@ $(MATHJAX):
 
 mathjax: $(MATHJAX)
 
-book: $(STAMP) $(MATHJAX)
+# Notebooks run without progress bars (the pages show one-line summaries instead).
+nbval book: export LEMMSE_PROGRESS = 0
+
+book: $(STAMP) $(MATHJAX) runs
 	$(BIN)/jupyter-book build . --warningiserror
 	@index="$(CURDIR)/$(BOOK_INDEX)"; \
 	echo ""; echo "The book: $$index"; \
@@ -75,10 +80,15 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest tests --durations=10
 
-nbval: $(STAMP)
+# The networks of the book and their evaluations, trained once with a progress bar per run,
+# before the notebooks (which then load them): `python -m lemmse_core.experiments run`.
+runs: $(STAMP)
+	LEMMSE_PROGRESS=1 $(PY) -m lemmse_core.experiments run
+
+nbval: $(STAMP) runs
 	$(PY) scripts/nbval_toc.py
 
-test: lint unit nbval
+test: lint unit runs nbval
 
 # JupyterLab and jupytext's server extension; the settings override (in the venv only)
 # makes a double click open the .md notebooks as notebooks.

@@ -18,7 +18,8 @@ level σ (a float or an ``(n,)`` tensor) to an image ``(n, C, H, W)``:
 every block (FiLM-free, as in diffusers' ``UNet2DModel`` time embedding). With
 ``precondition=True`` (default) the body is wrapped as in EDM (Karras et al., 2022):
 ``out = ½ + c_skip(σ) (v - ½) + c_out(σ) F(c_in(σ) (v - ½), σ)`` with
-``c_skip = s²/(σ² + s²)``, ``c_out = σ s / √(σ² + s²)``, ``c_in = 1/√(σ² + s²)``,
+``c_skip = s²/(σ² + s²)``, ``c_out = σ s / √(σ² + s²)``, ``c_in = 1/√(σ² + s²)``
+(σ here is the noise level of the input, ``σ · noise_gain`` for ``v = B y``),
 ``s = 0.5``: a per-pixel, σ-dependent affine map, so locality and equivariance are kept and
 the class of functions is the same; it only makes the body's input and target have unit
 scale at every σ, which speeds up training.
@@ -140,6 +141,12 @@ class LocalDenoiser(nn.Module):
     channels: int
     precondition: bool
 
+    def __init__(self):
+        super().__init__()
+        # RMS gain of the noise through the pre-inverse B (1 for B = I): the
+        # preconditioning uses the noise level sigma * noise_gain of its input v = B y.
+        self.register_buffer("noise_gain", torch.ones(()))
+
     def body(self, h: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -160,10 +167,10 @@ class LocalDenoiser(nn.Module):
         sigma = self._sigma(v, sigma)
         if not self.precondition:
             return self.body(v, sigma)
-        s2 = SIGMA_DATA**2
-        scale = (sigma**2 + s2).rsqrt()[:, None, None, None]
+        s2, level = SIGMA_DATA**2, sigma * self.noise_gain
+        scale = (level**2 + s2).rsqrt()[:, None, None, None]
         c_skip = s2 * scale**2
-        c_out = sigma[:, None, None, None] * SIGMA_DATA * scale
+        c_out = level[:, None, None, None] * SIGMA_DATA * scale
         centred = v - 0.5
         return 0.5 + c_skip * centred + c_out * self.body(centred * scale, sigma)
 

@@ -116,6 +116,13 @@ class LinearMap:
         basis = torch.eye(d, dtype=dtype).reshape(d, *in_shape)
         return self.A(basis).reshape(d, -1).T.contiguous()
 
+    def noise_gain(self, in_shape) -> float:
+        """RMS gain of white noise through the map: ``sqrt(E‖M e‖² / M')`` for
+        ``e ~ N(0, I)`` of image shape ``in_shape``, i.e. ``‖M‖_F / sqrt(M')`` with ``M'``
+        the output size (dense here; exact closed forms in the subclasses)."""
+        m = self.matrix(in_shape)
+        return float(m.square().sum().div(m.shape[0]).sqrt())
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -156,6 +163,9 @@ class Identity(LinearMap):
 
     def adjoint(self, y):
         return _check_batch(y, "y")
+
+    def noise_gain(self, in_shape) -> float:
+        return 1.0
 
 
 class Denoising(Identity, ForwardOperator):
@@ -210,6 +220,9 @@ class Diagonal(LinearMap):
         _check_batch(y, "y")
         self._check_size(y.shape[1:], "y")
         return y * self.d.to(device=y.device, dtype=y.dtype)
+
+    def noise_gain(self, in_shape) -> float:
+        return float(self.diagonal(in_shape).square().mean().sqrt())
 
     def to(self, device=None, dtype=None):
         moved = type(self)(self.d.to(device=device))
@@ -323,6 +336,10 @@ class Circulant(LinearMap):
     def adjoint(self, y):
         _check_batch(y, "y")
         return self._apply(y, self.transfer(*y.shape[-2:]).conj())
+
+    def noise_gain(self, in_shape) -> float:
+        _, h, w = _check_shape(in_shape, "in_shape")
+        return float(self.transfer(h, w).abs().square().mean().sqrt())  # Parseval
 
     def __repr__(self):
         return self.name

@@ -25,7 +25,8 @@ def use_style() -> None:
 
 
 def show_images(images, titles=None, ncols=None, size=1.6, vmin=0.0, vmax=1.0):
-    """Plot ``(C, H, W)`` tensors (1 or 3 channels) side by side; returns the figure."""
+    """Plot ``(C, H, W)`` tensors (1 or 3 channels) side by side, ``None`` leaving a blank
+    slot; returns the figure."""
     images = list(images)
     ncols = ncols or len(images)
     nrows = -(-len(images) // ncols)
@@ -33,7 +34,7 @@ def show_images(images, titles=None, ncols=None, size=1.6, vmin=0.0, vmax=1.0):
     axes = [axes] if len(images) == 1 else list(getattr(axes, "flat", axes))
     for i, ax in enumerate(axes):
         ax.axis("off")
-        if i >= len(images):
+        if i >= len(images) or images[i] is None:
             continue
         img = torch.as_tensor(images[i]).detach().float().cpu()
         img = img.permute(1, 2, 0).clamp(vmin, vmax) if img.shape[0] == 3 else img[0]

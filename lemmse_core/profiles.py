@@ -50,18 +50,8 @@ _QUICK = {
         "mass_test": 1,
     },
     "degenerate": {"mc_samples": 200000, "posterior_draws": 20000},
-    "cnn": {
-        "n_train": 1000,
-        "n_test": 4,
-        "patch_size": 5,
-        "preset": "tiny",
-        "batch_size": 16,
-        "steps": {"unet": 1400, "resnet": 3500, "patchmlp": 2000},
-        "lr": 2e-3,
-        "lr_floor": 1e-5,
-        "sigmas": (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
-        "check_images": 16,
-    },
+    # The networks and their evaluation: lemmse_core.experiments.grid(profile).
+    "cnn": {"check_images": 16},
 }
 _PAPER = {
     "tour": {"n_train": 10000, "patch_size": 5},
@@ -105,18 +95,7 @@ _PAPER = {
         "mass_test": 4,
     },
     "degenerate": {"mc_samples": 2000000, "posterior_draws": 200000},
-    "cnn": {
-        "n_train": 10000,
-        "n_test": 32,
-        "patch_size": 5,
-        "preset": "paper",
-        "batch_size": 256,
-        "steps": {"unet": 25000, "resnet": 25000, "patchmlp": 25000},
-        "lr": 1e-3,
-        "lr_floor": 1e-6,
-        "sigmas": (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
-        "check_images": 128,
-    },
+    "cnn": {"check_images": 128},
 }
 
 

@@ -1,9 +1,11 @@
 """Where and how computations run: the device and the seeds."""
 
 import random
+import sys
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 
 def device() -> torch.device:
@@ -17,3 +19,11 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)  # noqa: NPY002 (seeds code that uses the legacy global state)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def progress_bar(**kwargs):
+    """A tqdm bar (``tqdm.auto``: a widget in Jupyter); in a log (stderr not a terminal) it
+    is redrawn every 15 s instead of continuously."""
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", 15.0)
+    return tqdm(**kwargs)

@@ -34,13 +34,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import nets, operators, runtime
 from .data import load
 
 # Bump when a change of the networks or of the training loop makes old runs stale.
-VERSION = 2
+VERSION = 3
 CHECKPOINT = "checkpoint.pt"
 DONE = "done"
 CONFIG = "config.json"
@@ -63,6 +62,7 @@ class TrainConfig:
     channels: int = 1
     dataset: str = "fashionmnist"
     n_train: int = 1000
+    size: int | None = None
     operator: str = "denoising"
     preinverse: str = "identity"
     lam: float | None = None
@@ -82,6 +82,8 @@ class TrainConfig:
         nets._check_preset(self.preset)
         nets._check_patch_size(self.patch_size)
         positive_ints = ("channels", "n_train", "steps", "batch_size")
+        if self.size is not None:
+            positive_ints += ("size",)
         for name in positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -264,7 +266,8 @@ def fit(
     callback: Callable[[int, float], None] | None = None,
 ) -> TrainedRun:
     """Train ``config`` on ``train_images`` (default: the first ``n_train`` images of
-    ``config.dataset``), or load the finished run, or resume the unfinished one.
+    ``config.dataset`` at side ``size``, in colour if ``channels == 3``), or load the
+    finished run, or resume the unfinished one.
 
     Args:
         device: default :func:`lemmse_core.runtime.device` (CUDA when present).
@@ -277,7 +280,8 @@ def fit(
     ``fit`` again resumes from it.
     """
     if train_images is None:
-        train_images = load(config.dataset, n=config.n_train)
+        color = config.channels == 3
+        train_images = load(config.dataset, n=config.n_train, size=config.size, color=color)
     if train_images.ndim != 4 or train_images.shape[:2] != (config.n_train, config.channels):
         raise ValueError(
             f"train_images must have shape ({config.n_train}, {config.channels}, H, W) as in "
@@ -290,7 +294,11 @@ def fit(
         _atomic_write_text(config_json(config, train_images), folder / CONFIG)
     checkpoint = folder / CHECKPOINT
 
+    shape = tuple(train_images.shape[1:])
+    A, B = build_operators(config, shape)
+    A, B = A.to(device), B.to(device)
     model = _build(config, device)
+    model.noise_gain.fill_(B.noise_gain(A.output_shape(shape)))
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -306,8 +314,6 @@ def fit(
         return _finished(config, model, ema, history, seconds, folder, loaded=True)
 
     x_all = train_images.to(device, torch.float32)
-    A, B = build_operators(config, tuple(train_images.shape[1:]))
-    A, B = A.to(device), B.to(device)
 
     def save() -> float:
         total = seconds + time.perf_counter() - start
@@ -326,7 +332,7 @@ def fit(
 
     start, total = time.perf_counter(), seconds
     running = history[-1] if history else None
-    bar = tqdm(
+    bar = runtime.progress_bar(
         total=config.steps,
         initial=step,
         disable=not progress,

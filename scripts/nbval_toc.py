@@ -79,12 +79,25 @@ def is_notebook(path: Path) -> bool:
     return path.suffix == ".md" and "kernelspec" in front_matter(path)
 
 
+def book_timeout(config_path: Path) -> int:
+    """The per-cell timeout of the book build (``execute.timeout`` in ``_config.yml``)."""
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    return int(config["execute"]["timeout"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--toc", type=Path, default=Path("_toc.yml"))
-    parser.add_argument("--cell-timeout", type=int, default=900)
+    parser.add_argument(
+        "--cell-timeout",
+        type=int,
+        default=None,
+        help="seconds per cell (default: execute.timeout of _config.yml, as the book build)",
+    )
     args, pytest_extra = parser.parse_known_args()
 
+    if args.cell_timeout is None:
+        args.cell_timeout = book_timeout(args.toc.parent / "_config.yml")
     notebooks = [p for p in toc_files(args.toc) if is_notebook(p)]
     if not notebooks:
         print(f"nbval: no notebook in {args.toc}, nothing to run")

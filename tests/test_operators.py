@@ -123,6 +123,9 @@ def test_preinverse_matrices(op_name, shape, kind):
     # B's adjoint and its structural facts agree with its matrix.
     torch.testing.assert_close(apply_dense(b.adjoint, b, op.output_shape(shape)), got.T)
     check_structure(b, op.output_shape(shape), got)
+    # The RMS noise gain of B (the networks' input noise level) is ‖B‖_F / sqrt(rows).
+    gain = (expected.square().sum() / expected.shape[0]).sqrt().item()
+    assert b.noise_gain(op.output_shape(shape)) == pytest.approx(gain, rel=1e-9)
 
 
 def check_structure(b, shape, mat):

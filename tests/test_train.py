@@ -154,7 +154,11 @@ def test_training_lowers_the_error_and_the_ema_lags(tmp_path):
 
 @pytest.mark.parametrize(
     ("operator", "preinverse", "lam"),
-    [("inpainting_center:4", "adjoint", None), ("blur_gaussian:1.0", "tikhonov", 0.1)],
+    [
+        ("inpainting_center:4", "adjoint", None),
+        ("blur_gaussian:1.0", "tikhonov", 0.1),
+        ("blur_gaussian:1.0", "pinv", None),
+    ],
 )
 def test_other_operators(tmp_path, operator, preinverse, lam):
     cfg = config(net="unet", steps=3, warmup=0, operator=operator, preinverse=preinverse, lam=lam)
@@ -162,6 +166,10 @@ def test_other_operators(tmp_path, operator, preinverse, lam):
     assert type(A).__name__ in ("Inpainting", "Blur")
     run = fit(cfg, tmp_path)
     assert len(run.history) == 3 and all(math.isfinite(v) for v in run.history)
+    # The networks' preconditioning knows the noise level of v = B y, stored with the run.
+    gain = B.noise_gain((1, SIZE, SIZE))
+    assert gain != 1 and run.ema_model.noise_gain.item() == pytest.approx(gain, rel=1e-6)
+    assert fit(cfg, tmp_path).ema_model.noise_gain.item() == pytest.approx(gain, rel=1e-6)
 
 
 def test_bad_configs():

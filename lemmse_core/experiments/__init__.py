@@ -1,0 +1,33 @@
+"""Experiments: trained networks against the LE-MMSE, one engine for every comparison.
+
+A :class:`Spec` fixes the data, task, pre-inverse, network and evaluation; :func:`run`
+trains the network through :func:`lemmse_core.train.fit` (finished runs are reused),
+evaluates it and the formula (Thm. 3.8) on training and test images over a σ grid, caches
+both, and returns a :class:`Result` (``.table``, ``.outputs(split, sigma)``) or, for a list
+of specs, a :class:`Grid`. :func:`grid` gives the specs of a profile; the command line is
+``python -m lemmse_core.experiments list|run|report --profile quick|paper``.
+"""
+
+from .engine import COLUMNS, SPLITS, Grid, Outputs, Result, progress_enabled, run
+from .grids import ARCHS, grid, select, tasks
+from .report import CONFIG, architectures, curves, table2
+from .spec import Spec
+
+__all__ = [
+    "ARCHS",
+    "COLUMNS",
+    "CONFIG",
+    "SPLITS",
+    "Grid",
+    "Outputs",
+    "Result",
+    "Spec",
+    "architectures",
+    "curves",
+    "grid",
+    "progress_enabled",
+    "run",
+    "select",
+    "table2",
+    "tasks",
+]

@@ -1,0 +1,354 @@
+"""Run specs: train the network (or load its run), evaluate it and the LE-MMSE, cache both.
+
+For each split (``train``: the first ``eval_train`` training images, ``test``: the first
+``eval_test`` test images) and each σ, ``y = A x + σ e`` with ``e`` drawn once per split
+from a generator seeded by ``(seed, split)`` (the same ``e`` at every σ and for every
+network), ``v = B y``, and the outputs of the network (EMA weights) and of the LE-MMSE of
+the same training set, ``p`` and ``B`` (Thm. 3.8).
+
+Caches, both written atomically after every σ (an interrupted evaluation resumes):
+
+- ``<root>/formula/<key>.pt``: the formula's outputs, shared by every network of the same
+  formula fields (:meth:`Spec.formula_fields`), keyed by those fields, fingerprints of the
+  training and evaluation images and :data:`VERSION`;
+- ``<run folder>/eval-<key>.pt``: the network's outputs, beside its training run.
+
+A non-finite output raises :class:`FloatingPointError` and is never cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .. import data, runtime, train
+from ..lemmse import LEMMSE
+from ..metrics import psnr
+from .spec import Spec
+
+# Bump when a change of the evaluation makes cached outputs stale.
+VERSION = 1
+SPLITS = ("train", "test")
+COLUMNS = (
+    "dataset",
+    "task",
+    "preinverse",
+    "arch",
+    "patch_size",
+    "split",
+    "sigma",
+    "image",
+    "psnr_net_formula",
+    "psnr_formula_truth",
+    "psnr_net_truth",
+    "psnr_input_truth",
+    "n_train",
+    "lam",
+    "operator",
+    "name",
+)
+
+
+def progress_enabled(progress: bool | None) -> bool:
+    """``progress``, else ``$LEMMSE_PROGRESS`` (``0`` turns the bars off), else True."""
+    if progress is not None:
+        return bool(progress)
+    return os.environ.get("LEMMSE_PROGRESS", "1").strip().lower() not in ("0", "false", "no")
+
+
+@dataclass
+class Outputs:
+    """Images of one (split, σ), on the CPU: truth ``x``, measurement ``y``, network input
+    ``v = B y``, the LE-MMSE ``formula`` and the network output ``net``."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    v: torch.Tensor
+    formula: torch.Tensor
+    net: torch.Tensor
+
+
+@dataclass
+class Result:
+    """One evaluated spec: ``table`` (one row per split, σ and image), ``run`` (the trained
+    network, :class:`lemmse_core.train.TrainedRun`) and the images via :meth:`outputs`."""
+
+    spec: Spec
+    run: train.TrainedRun
+    table: pd.DataFrame = field(repr=False)
+    _images: dict = field(repr=False)
+    computed: tuple[str, ...] = ()  # what this call computed: "training", "formula", "net"
+
+    def outputs(self, split: str, sigma: float) -> Outputs:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if float(sigma) not in self.spec.sigmas:
+            raise ValueError(f"sigma must be one of {self.spec.sigmas}, got {sigma!r}")
+        x, y, v = (self._images[split][k](float(sigma)) for k in ("x", "y", "v"))
+        formula, net = (self._images[k][split, float(sigma)] for k in ("formula", "net"))
+        return Outputs(x, y, v, formula, net)
+
+    @property
+    def summary(self) -> str:
+        origin = "trained now" if "training" in self.computed else "loaded"
+        evaluated = [k for k in ("formula", "net") if k in self.computed]
+        evaluation = f"evaluated {' and '.join(evaluated)}" if evaluated else "cached"
+        return f"{self.spec.name}: {origin} ({self.run.seconds:.0f} s of training), {evaluation}"
+
+
+class Grid(Sequence):
+    """Results of a list of specs, in order; ``table`` concatenates their tables."""
+
+    def __init__(self, results: list[Result]):
+        self.results = list(results)
+        self.table = pd.concat([r.table for r in self.results], ignore_index=True)
+
+    def __getitem__(self, index):
+        return self.results[index]
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def summary(self) -> str:
+        """One line: how many runs were trained or loaded, evaluated or cached."""
+        trained = sum("training" in r.computed for r in self.results)
+        evaluated = sum(bool({"formula", "net"} & set(r.computed)) for r in self.results)
+        seconds = sum(r.run.seconds for r in self.results)
+        return (
+            f"{len(self)} runs: {trained} trained now, {len(self) - trained} loaded "
+            f"({seconds:.0f} s of training in all); {evaluated} evaluated now, "
+            f"{len(self) - evaluated} from the cache"
+        )
+
+
+# ------------------------------------------------------------------------------ caching
+
+
+def _atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    train._atomic_save(obj, path)
+
+
+class _Cache:
+    """A dict of tensors keyed by ``"split/sigma"`` in one file, saved after every update."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key, self.entries = path, key, {}
+        if path.exists():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("key") == key:
+                self.entries = dict(state["entries"])
+
+    def get(self, split, sigma):
+        return self.entries.get(f"{split}/{sigma!r}")
+
+    def put(self, split, sigma, value: torch.Tensor, what: str) -> None:
+        if not torch.isfinite(value).all():
+            raise FloatingPointError(
+                f"{what} at sigma={sigma} ({split} images) has non-finite values; "
+                "nothing was cached"
+            )
+        self.entries[f"{split}/{sigma!r}"] = value.detach().to("cpu", torch.float32)
+        _atomic_save({"key": self.key, "entries": self.entries}, self.path)
+
+
+def _key(spec: Spec, train_images, eval_images) -> str:
+    content = {
+        "formula": spec.formula_fields(),
+        "train": train.fingerprint(train_images),
+        "eval": {s: train.fingerprint(x) for s, x in eval_images.items()},
+        "version": VERSION,
+    }
+    return hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def _load_images(spec: Spec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    kwargs = {"size": spec.size, "color": spec.color}
+    train_images = data.load(spec.dataset, n=spec.n_train, **kwargs)
+    test = data.load(spec.dataset, split="test", n=spec.eval_test, **kwargs)
+    return train_images, {"train": train_images[: spec.eval_train], "test": test}
+
+
+def _noise(spec: Spec, split: str, shape) -> torch.Tensor:
+    g = torch.Generator().manual_seed(train._seed(spec.seed, 3, SPLITS.index(split)))
+    return torch.randn(shape, generator=g)
+
+
+def _measurements(spec: Spec, A, B, eval_images) -> dict:
+    """Per split, functions of σ giving ``x``, ``y`` and ``v`` (cheap, not cached)."""
+    out = {}
+    for split, x in eval_images.items():
+        ax = A.A(x.double())
+        e = _noise(spec, split, ax.shape).double()
+
+        def y(sigma, ax=ax, e=e):
+            return ax + sigma * e
+
+        def v(sigma, y=y):
+            return B.A(y(sigma))
+
+        out[split] = {
+            "x": lambda sigma, x=x: x,
+            "y": lambda sigma, y=y: y(sigma).float(),
+            "v": lambda sigma, v=v: v(sigma).float(),
+            "v64": v,
+        }
+    return out
+
+
+def _pending(cache: _Cache, spec: Spec, eval_images) -> list[tuple[str, float]]:
+    return [
+        (split, sigma)
+        for sigma in spec.sigmas
+        for split in SPLITS
+        if len(eval_images[split]) and cache.get(split, sigma) is None
+    ]
+
+
+def _fill(cache, pending, compute, bar, what: str) -> None:
+    bar.set_description(what)
+    for split, sigma in pending:
+        cache.put(split, sigma, compute(split, sigma), what)
+        bar.update(1)
+
+
+def _evaluate(spec, run, train_images, eval_images, root, device, progress, computed):
+    A, B = spec.operators(tuple(train_images.shape[1:]))
+    images = _measurements(spec, A, B, eval_images)
+    key = _key(spec, train_images, eval_images)
+    caches = {
+        "formula": _Cache(train.run_root(root) / "formula" / f"{key}.pt", key),
+        "net": _Cache(run.path / f"eval-{key}.pt", key),
+    }
+    pending = {what: _pending(cache, spec, eval_images) for what, cache in caches.items()}
+    total = sum(len(p) for p in pending.values())
+    bar = runtime.progress_bar(total=total, disable=not progress or total == 0)
+    with bar:
+        if pending["formula"]:
+            engine = LEMMSE(train_images.to(device), A.to(device), spec.patch_size, B.to(device))
+            _fill(
+                caches["formula"],
+                pending["formula"],
+                lambda split, s: engine.estimate(images[split]["v64"](s).to(device), s),
+                bar,
+                f"LE-MMSE of {spec.name}",
+            )
+            computed.append("formula")
+        if pending["net"]:
+            net = run.ema_model
+
+            @torch.no_grad()
+            def network(split, sigma):
+                return net(images[split]["v"](sigma).to(device), sigma)
+
+            _fill(caches["net"], pending["net"], network, bar, f"network of {spec.name}")
+            computed.append("net")
+    empty = {s: torch.zeros(0, *train_images.shape[1:]) for s in SPLITS}
+    outputs = {
+        what: {
+            (split, s): cache.get(split, s) if len(eval_images[split]) else empty[split]
+            for split in SPLITS
+            for s in spec.sigmas
+        }
+        for what, cache in caches.items()
+    }
+    return images, outputs
+
+
+def _table(spec: Spec, images: dict, outputs: dict) -> pd.DataFrame:
+    rows = []
+    for split in SPLITS:
+        for sigma in spec.sigmas:
+            x = images[split]["x"](sigma)
+            formula, net = outputs["formula"][split, sigma], outputs["net"][split, sigma]
+            v = images[split]["v"](sigma)
+            columns = {
+                "psnr_net_formula": psnr(net, formula),
+                "psnr_formula_truth": psnr(formula, x),
+                "psnr_net_truth": psnr(net, x),
+                "psnr_input_truth": psnr(v, x),
+            }
+            for i in range(len(x)):
+                values = {k: float(c[i]) for k, c in columns.items()}
+                rows.append({"split": split, "sigma": sigma, "image": i, **values})
+    table = pd.DataFrame(rows)
+    labels = {
+        "dataset": spec.dataset,
+        "task": spec.task_name,
+        "preinverse": spec.preinverse,
+        "arch": spec.arch,
+        "patch_size": spec.patch_size,
+        "n_train": spec.n_train,
+        "lam": math.nan if spec.lam is None else spec.lam,
+        "operator": spec.task,
+        "name": spec.name,
+    }
+    for column, value in labels.items():
+        table[column] = value
+    return table[list(COLUMNS)]
+
+
+def run_one(
+    spec: Spec,
+    *,
+    root: str | os.PathLike | None = None,
+    device=None,
+    progress: bool | None = None,
+    finished_only: bool = False,
+) -> Result | None:
+    """Train (or load) and evaluate one spec; see the module docstring. With
+    ``finished_only``, None unless the run is finished and its evaluation cached."""
+    if not isinstance(spec, Spec):
+        raise TypeError(f"spec must be an experiments.Spec, got {type(spec).__name__}")
+    progress = progress_enabled(progress)
+    device = torch.device(device) if device is not None else runtime.device()
+    train_images, eval_images = _load_images(spec)
+    config = spec.train_config()
+    if finished_only and not _finished(spec, config, train_images, eval_images, root):
+        return None
+    trained = train.fit(config, train_images, device=device, run_root=root, progress=progress)
+    computed = [] if trained.loaded else ["training"]
+    images, outputs = _evaluate(
+        spec, trained, train_images, eval_images, root, device, progress, computed
+    )
+    table = _table(spec, images, outputs)
+    return Result(spec, trained, table, {**images, **outputs}, tuple(computed))
+
+
+def _finished(spec, config, train_images, eval_images, root) -> bool:
+    folder = train.run_dir(config, train_images, root)
+    if not (folder / train.DONE).exists():
+        return False
+    key = _key(spec, train_images, eval_images)
+    paths = (train.run_root(root) / "formula" / f"{key}.pt", folder / f"eval-{key}.pt")
+    return not any(_pending(_Cache(p, key), spec, eval_images) for p in paths)
+
+
+def run(specs, *, root=None, device=None, progress: bool | None = None):
+    """Run one :class:`Spec` (returns a :class:`Result`) or a list of them (a :class:`Grid`).
+
+    Args:
+        root: the runs folder (default ``$LEMMSE_RUNS``, else ``<repo>/runs``).
+        device: default :func:`lemmse_core.runtime.device`.
+        progress: tqdm bars (training steps, then evaluation); default
+            ``$LEMMSE_PROGRESS`` (``0`` turns them off), else on.
+
+    Finished runs and cached evaluations are loaded; interrupted ones resume.
+    """
+    if isinstance(specs, Spec):
+        return run_one(specs, root=root, device=device, progress=progress)
+    specs = list(specs)
+    if not specs:
+        raise ValueError("specs is empty: give a Spec or a non-empty list of them")
+    return Grid([run_one(s, root=root, device=device, progress=progress) for s in specs])

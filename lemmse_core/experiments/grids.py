@@ -1,0 +1,107 @@
+"""The experiment grids of the profiles (paper Sec. 4.2, Table 2, App. C.4).
+
+``quick`` (this 2-core CPU): every task and pre-inverse kind on Fashion-MNIST with the
+UNet2D, the three architectures on denoising for Fashion-MNIST and CIFAR-10 in colour, and
+physics-aware centre inpainting on CIFAR-10. ``paper``: the full grid at the paper's
+sizes (three datasets, three architectures, six task and pre-inverse pairs), for a GPU.
+Every chapter picks its specs from :func:`grid` with :func:`select`, so a spec trained
+for one chapter is the same run for all of them.
+"""
+
+from __future__ import annotations
+
+from .. import profiles
+from .spec import Spec
+
+ARCHS = ("unet", "resnet", "patchmlp")
+# Paper App. C.4: a 15 × 15 centre square on 32 × 32 images; scaled to 13 on 28 × 28.
+BOX = {28: 13, 32: 15}
+_SIDE = {"fashionmnist": 28, "mnist": 28, "cifar10": 32, "ffhq": 32}
+
+_RECIPES = {
+    # CPU budget: about a minute and a half per tiny network; steps per architecture set
+    # for about the same time each (the ResNet's steps are the cheapest).
+    "quick": {
+        "common": {
+            "preset": "tiny",
+            "batch_size": 16,
+            "lr": 2e-3,
+            "lr_floor": 1e-5,
+            "n_train": 1000,
+            "eval_train": 4,
+            "eval_test": 4,
+            "sigmas": (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
+        },
+        "steps": {"unet": 1400, "resnet": 3500, "patchmlp": 2000},
+    },
+    "paper": {
+        "common": {
+            "preset": "paper",
+            "batch_size": 256,
+            "lr": 1e-3,
+            "lr_floor": 1e-6,
+            "n_train": 10000,
+            "eval_train": 32,
+            "eval_test": 32,
+            "sigmas": (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
+        },
+        "steps": {"unet": 25000, "resnet": 25000, "patchmlp": 25000},
+    },
+}
+
+
+def tasks(dataset: str, kinds=("identity", "adjoint", "pinv", "tikhonov")) -> list[dict]:
+    """The paper's task and pre-inverse pairs for ``dataset`` (App. C.4): denoising;
+    centre inpainting, agnostic (B = I) and aware (B = Aᵀ); Gaussian deconvolution
+    (std 1, circular), agnostic and aware (B = A⁺, Tikhonov with λ = 0.01)."""
+    inpainting = f"inpainting_center:{BOX[_SIDE[dataset]]}"
+    pairs = [
+        {"task": "denoising", "preinverse": "identity"},
+        {"task": inpainting, "preinverse": "identity"},
+        {"task": inpainting, "preinverse": "adjoint"},
+        {"task": "blur_gaussian:1", "preinverse": "identity"},
+        {"task": "blur_gaussian:1", "preinverse": "pinv"},
+        {"task": "blur_gaussian:1", "preinverse": "tikhonov", "lam": 1e-2},
+    ]
+    return [p for p in pairs if p["preinverse"] in kinds]
+
+
+def _spec(profile: str, arch: str, **fields) -> Spec:
+    recipe = _RECIPES[profile]
+    return Spec(arch=arch, steps=recipe["steps"][arch], **recipe["common"], **fields)
+
+
+def _paper(profile: str) -> list[Spec]:
+    data = {"fashionmnist": {}, "cifar10": {"color": True}, "ffhq": {"size": 32, "color": True}}
+    return [
+        _spec(profile, arch, dataset=name, **extra, **pair)
+        for name, extra in data.items()
+        for pair in tasks(name)
+        for arch in ARCHS
+    ]
+
+
+def _quick(profile: str) -> list[Spec]:
+    fashion, cifar = {"dataset": "fashionmnist"}, {"dataset": "cifar10", "color": True}
+    specs = [_spec(profile, arch, **fashion) for arch in ARCHS]
+    specs += [_spec(profile, "unet", **fashion, **pair) for pair in tasks("fashionmnist")[1:5]]
+    specs += [_spec(profile, arch, **cifar) for arch in ARCHS]
+    aware_inpainting = tasks("cifar10", kinds=("adjoint",))[0]
+    return [*specs, _spec(profile, "unet", **cifar, **aware_inpainting)]
+
+
+def grid(profile: str | None = None) -> list[Spec]:
+    """The specs of ``profile`` (default: the active one, ``LEMMSE_PROFILE``)."""
+    profile = profiles.name() if profile is None else profile
+    builders = {"quick": _quick, "paper": _paper}
+    if profile not in builders:
+        raise ValueError(f"profile must be one of {sorted(builders)}, got {profile!r}")
+    return builders[profile](profile)
+
+
+def select(specs, **fields) -> list[Spec]:
+    """The specs whose attributes equal ``fields`` (``task_name`` works too)."""
+    out = [s for s in specs if all(getattr(s, k) == v for k, v in fields.items())]
+    if not out:
+        raise ValueError(f"no spec matches {fields}")
+    return out

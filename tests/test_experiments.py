@@ -1,0 +1,218 @@
+"""Experiments engine: specs, grids, evaluation against the formula, caches, command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_data import needs
+
+import lemmse_core as lc
+from lemmse_core import experiments as ex
+from lemmse_core.experiments import engine
+from lemmse_core.experiments.__main__ import main
+
+SIGMAS = (0.2, 0.5)
+
+
+def tiny(**changes) -> ex.Spec:
+    values = {
+        "n_train": 20,
+        "steps": 60,
+        "batch_size": 4,
+        "patch_size": 3,
+        "eval_train": 2,
+        "eval_test": 2,
+        "sigmas": SIGMAS,
+        "task": "inpainting_center:13",
+        "preinverse": "adjoint",
+    }
+    return ex.Spec(**{**values, **changes})
+
+
+def run(spec, root, **kwargs):
+    return ex.run(spec, root=root, device="cpu", progress=False, **kwargs)
+
+
+# ------------------------------------------------------------------------------ specs
+
+
+def test_spec_round_trips_through_json_and_is_hashable():
+    spec = tiny(lam=None)
+    again = ex.Spec.from_json(spec.to_json())
+    assert again == spec and hash(again) == hash(spec)
+    assert json.loads(spec.to_json())["sigmas"] == list(SIGMAS)
+    assert spec.task_name == "inpainting" and spec.channels == 1
+    assert ex.Spec(dataset="cifar10", color=True).name.startswith("cifar10rgb-denoising")
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"dataset": "imagenet"}, "dataset"),
+        ({"preinverse": "inverse"}, "preinverse"),
+        ({"preinverse": "tikhonov"}, "lam"),
+        ({"lam": 0.1}, "lam"),
+        ({"preinverse": "tikhonov", "lam": -1.0}, "lam"),
+        ({"sigmas": ()}, "sigmas"),
+        ({"sigmas": (0.1, float("nan"))}, "sigmas"),
+        ({"sigmas": (0.1, 0.1)}, "distinct"),
+        ({"eval_test": -1}, "eval_test"),
+        ({"eval_train": 21}, "eval_train"),
+        ({"arch": "vit"}, "net"),
+        ({"task": "blur"}, "operator"),
+        ({"color": 1}, "color"),
+    ],
+)
+def test_spec_rejects_bad_fields(changes, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        tiny(**changes)
+
+
+def test_from_dict_names_unknown_fields():
+    with pytest.raises(ValueError, match="unknown Spec fields"):
+        ex.Spec.from_dict({**tiny().to_dict(), "epochs": 3})
+
+
+def test_quick_grid_covers_the_issue():
+    specs = ex.grid("quick")
+    fashion = ex.select(specs, dataset="fashionmnist", arch="unet")
+    kinds = {(s.task_name, s.preinverse != "identity") for s in fashion}
+    assert kinds >= {("denoising", False), ("inpainting", False), ("inpainting", True)}
+    assert kinds >= {("deconvolution", False), ("deconvolution", True)}
+    for dataset in ("fashionmnist", "cifar10"):
+        denoisers = ex.select(specs, dataset=dataset, task_name="denoising")
+        assert {s.arch for s in denoisers} == set(ex.ARCHS)
+    cifar = ex.select(specs, dataset="cifar10")
+    assert all(s.color for s in cifar)
+    assert {s.task_name for s in cifar} & {"inpainting", "deconvolution"}
+    assert len({s.name for s in specs}) == len(specs)
+
+
+def test_paper_grid_is_the_full_grid():
+    specs = ex.grid("paper")
+    assert len(specs) == 3 * 3 * 6
+    assert {s.dataset for s in specs} == {"fashionmnist", "cifar10", "ffhq"}
+    assert {s.preinverse for s in specs} == {"identity", "adjoint", "pinv", "tikhonov"}
+    assert {s.preset for s in specs} == {"paper"}
+    assert ex.select(specs, dataset="cifar10", task="inpainting_center:15")
+    assert ex.select(specs, dataset="fashionmnist", task="inpainting_center:13")
+    with pytest.raises(ValueError, match="profile"):
+        ex.grid("huge")
+    with pytest.raises(ValueError, match="no spec"):
+        ex.select(specs, arch="vit")
+
+
+def test_cli_lists_the_paper_grid_as_json(capsys):
+    assert main(["list", "--profile", "paper", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert len(listed) == len(ex.grid("paper"))
+    fields = {"dataset", "n_train", "size", "color", "task", "preinverse", "lam", "arch"}
+    fields |= {"patch_size", "preset", "steps", "batch_size", "lr", "eval_train", "eval_test"}
+    fields |= {"sigmas", "seed"}
+    assert all(fields <= set(item) for item in listed)
+    assert ex.Spec.from_dict({k: v for k, v in listed[0].items() if k != "name"})
+    assert main(["list", "--profile", "quick", "--only", "cifar10*unet*"]) == 0
+    out = capsys.readouterr().out
+    assert "2 specs" in out
+
+
+# ------------------------------------------------------------------------- evaluation
+
+
+@needs("fashionmnist")
+def test_run_matches_the_formula_and_the_network_and_is_cached(tmp_path):
+    spec = tiny()
+    result = run(spec, tmp_path)
+    assert set(result.computed) == {"training", "formula", "net"}
+    table = result.table
+    assert list(table.columns) == list(ex.COLUMNS)
+    assert len(table) == len(SIGMAS) * (spec.eval_train + spec.eval_test)
+    assert set(table.split) == {"train", "test"} and set(table.sigma) == set(SIGMAS)
+
+    train_images = lc.data.load("fashionmnist", n=spec.n_train)
+    A, B = spec.operators(tuple(train_images.shape[1:]))
+    formula = lc.LEMMSE(train_images, A, spec.patch_size, B)
+    out = result.outputs("test", 0.5)
+    assert torch.equal(out.x, lc.data.load("fashionmnist", split="test", n=2))
+    torch.testing.assert_close(out.v, B.A(out.y), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.formula, formula(out.y.double(), 0.5), atol=2e-6, rtol=0)
+    with torch.no_grad():
+        net = result.run.ema_model(out.v, 0.5)
+    torch.testing.assert_close(out.net, net, atol=1e-6, rtol=0)
+    row = table[(table.split == "test") & (table.sigma == 0.5) & (table.image == 1)].iloc[0]
+    expected = lc.metrics.psnr(out.net[1:], out.formula[1:]).item()
+    assert row.psnr_net_formula == pytest.approx(expected, abs=1e-4)
+
+    again = run(spec, tmp_path)
+    assert again.computed == () and again.run.loaded
+    assert again.table.equals(table)
+    with pytest.raises(ValueError, match="sigma"):
+        result.outputs("test", 0.3)
+    with pytest.raises(ValueError, match="split"):
+        result.outputs("val", 0.5)
+
+
+@needs("fashionmnist")
+def test_architectures_share_the_formula_and_the_noise(tmp_path):
+    grid = run([tiny(), tiny(arch="resnet")], tmp_path)
+    assert "formula" in grid[0].computed and "formula" not in grid[1].computed
+    a, b = (r.outputs("train", 0.2) for r in grid)
+    assert torch.equal(a.y, b.y) and torch.equal(a.formula, b.formula)
+    assert not torch.equal(a.net, b.net)
+    assert len(grid.table) == 2 * len(grid[0].table)
+    pairs = ex.architectures(grid)
+    assert len(pairs) == 2 * len(SIGMAS)
+    assert set(ex.table2(grid.table).columns) == {"train", "test"}
+    assert "2 runs: 2 trained now" in grid.summary()
+
+
+@needs("fashionmnist")
+def test_interrupted_evaluation_resumes_where_it_stopped(tmp_path, monkeypatch):
+    spec, calls, limit = tiny(), [], [2]
+    original = lc.LEMMSE.estimate
+
+    def estimate(self, v, sigma, **kwargs):
+        if len(calls) == limit[0]:
+            raise KeyboardInterrupt
+        calls.append(sigma)
+        return original(self, v, sigma, **kwargs)
+
+    monkeypatch.setattr(lc.LEMMSE, "estimate", estimate)
+    with pytest.raises(KeyboardInterrupt):
+        run(spec, tmp_path)
+    calls.clear()
+    limit[0] = None
+    result = run(spec, tmp_path)
+    assert len(calls) == 2 * len(SIGMAS) - 2  # only the entries not cached before
+    assert "formula" in result.computed and "training" not in result.computed
+
+
+@needs("fashionmnist")
+def test_non_finite_outputs_are_never_cached(tmp_path, monkeypatch):
+    spec = tiny()
+    monkeypatch.setattr(
+        lc.LEMMSE, "estimate", lambda self, v, sigma, **k: torch.full_like(v, torch.nan)
+    )
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        run(spec, tmp_path)
+    assert not list((tmp_path / "formula").glob("*.pt"))
+    monkeypatch.undo()
+    assert "formula" in run(spec, tmp_path).computed
+
+
+@needs("fashionmnist")
+def test_finished_only_computes_nothing(tmp_path):
+    spec = tiny()
+    assert engine.run_one(spec, root=tmp_path, finished_only=True, device="cpu") is None
+    assert not any(tmp_path.iterdir())
+    run(spec, tmp_path)
+    assert engine.run_one(spec, root=tmp_path, finished_only=True).computed == ()
+
+
+def test_progress_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("LEMMSE_PROGRESS", "0")
+    assert not ex.progress_enabled(None) and ex.progress_enabled(True)
+    monkeypatch.delenv("LEMMSE_PROGRESS")
+    assert ex.progress_enabled(None)
