@@ -15,11 +15,21 @@ a GEMM between whitened queries and precomputed keys plus a streaming softmax. R
 stratification (Prop. B.5): a query ``u`` only uses the classes with ``u ∈ Im G``
 (``‖(I - UUᵀ) u‖ <= support_rtol ‖u‖``) of the smallest rank among those.
 
-Keys are whitened in float64 and stored in ``dtype``. For float32 accuracy, each class is
-split into groups of keys that are close along their first principal direction, and each
-group is centred on its own mean before the dot products (queries shifted alike): a query's
-heavy terms are then computed from small vectors, where rounding is smallest. The split is
-exact: groups are merged through their log-sum-exp.
+Keys are whitened in float64 and stored in ``dtype``. Each class is split into *groups* of
+at most ``group_size`` nearby keys (recursive bisection at the median of the principal
+direction); each group is centred on its own mean before the dot products (queries shifted
+alike), so a query's heavy terms are computed from small vectors, where rounding is
+smallest. Per group, its total count ``C_g`` and the box of its keys in the principal
+axes of the class bound its weight for any query ``u``: ``log C_g - d²(u, box) / (2σ²)
+- ½ log pdet G``. With ``rtol > 0`` the groups whose bounds sum to at most ``rtol`` times
+the weight of the query's nearest group (by mean) are skipped (certified pruning): the skipped weight is
+at most ``rtol`` of the total, and the output error at most ``rtol`` times the range of the
+pixel values (the exact bound is returned on request).
+
+Per group and block of queries the estimate is one GEMM (the key bias, log counts and a
+per-query shift are folded into three extra dimensions), an in-place ``exp`` and a GEMM with
+the ``C + 1`` columns ``[x_k[n], 1]``: the cost of the values does not grow with the patch
+dimension. The shift is the largest term of the query's nearest group, found first.
 """
 
 from __future__ import annotations
@@ -36,8 +46,13 @@ from .patches import check_patch_size, extract_patches, patch_at
 from .streaming import StreamingSoftmax
 
 _EPS64 = torch.finfo(torch.float64).eps
-# PyTorch's fused CPU attention, which also returns the log-sum-exp (absent: blocked path).
+_BLOCK = 1 << 19  # log-weights per block (2 MiB in float32: cache resident)
+# PyTorch's fused CPU attention, which also returns the log-sum-exp (absent: GEMM path).
 _flash_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FUSED_MAX_RANK = 48  # below, the fused kernel beats GEMM + exp + GEMM (benchmarks/)
+_DENSE = 0.8  # a group needed by more than this fraction of the queries is run on all
+_SAFE = 1e30  # largest group sum trusted in float32 (overflow at 3.4e38)
+_QUERIES = 8192  # queries per pass over a class (bounds the (queries, groups) bounds)
 MASS_BIN = 0.01  # width in nats of the log-weight histogram used by ``mass_count``
 _MASS_RANGE = 50.0  # weights below exp(-50) of the total share the last bin
 
@@ -72,7 +87,8 @@ class _Class:
     """Locations sharing one patch Gram matrix, with their whitened keys.
 
     Identical (key, value) rows are merged into one key with a count (exact): a term
-    index ``t = l·N + k`` names location ``locations[l]`` of training image ``k``.
+    index ``t = l·N + k`` names location ``locations[l]`` of training image ``k``. Keys are
+    stored by group (contiguous rows ``bounds[g]``), each centred on its group mean.
     """
 
     locations: torch.Tensor  # (L,) flat pixel indices
@@ -80,17 +96,28 @@ class _Class:
     basis: torch.Tensor  # (P, r) float64, orthonormal basis of Im G
     log_pdet: float
     centre: torch.Tensor | None = None  # (r,) float64 mean of the keys
-    keys: torch.Tensor | None = None  # (K, r) distinct keys, each centred on its group
-    half_sq: torch.Tensor | None = None  # (K,) ½‖key‖²
-    groups: list | None = None  # [(k0, k1, mean)]: keys k0:k1 minus mean (float64, (r,))
-    values: torch.Tensor | None = None  # (K, C) centre pixels
+    keys_ext: torch.Tensor | None = None  # (K, r + 3): [key - μ_g, -½‖key - μ_g‖², log count, 1]
+    values_t: torch.Tensor | None = None  # (C + 1, K): [centre pixels, 1], transposed
+    bounds: list | None = None  # [(k0, k1)] rows of each group
+    means: torch.Tensor | None = None  # (G, r) float64 group means μ_g
+    frame: torch.Tensor | None = None  # (r, r) float64 principal axes of the keys
+    low: torch.Tensor | None = None  # (G, r) float64 box of each group's keys in ``frame``
+    high: torch.Tensor | None = None
+    log_mass: torch.Tensor | None = None  # (G,) float64 log of the group's total count
     counts: torch.Tensor | None = None  # (K,) float64 number of identical terms
-    log_counts: torch.Tensor | None = None  # (K,) their logs, in ``dtype``
     source: torch.Tensor | None = None  # (K,) first term index t of each key
 
     @property
     def rank(self) -> int:
         return self.whiten.shape[0]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.keys_ext[:, : self.rank]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.values_t[:-1].T
 
 
 _ROWS = 1 << 17  # rows per chunk when preprocessing keys (bounds the temporaries)
@@ -156,33 +183,77 @@ def _whitening(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     return (vec / lam.sqrt()).T.contiguous(), vec, float(lam.log().sum())
 
 
-def _group_keys(keys: torch.Tensor, rows: torch.Tensor, size: int = 16384, max_groups=32):
-    """Order ``keys[rows]`` along their first principal direction; split into groups.
-
-    Returns ``(order, [(k0, k1, mean)])``: ``rows[order]`` is the new key order and the
-    float64 ``mean`` of each contiguous group of it.
+def _tree_groups(keys: torch.Tensor, rows: torch.Tensor, size: int):
+    """Groups of at most ``size`` of ``keys[rows]``: recursive bisection at the median of
+    the principal direction. Returns ``(order, bounds)``: ``rows[order]`` lists the groups
+    contiguously, at rows ``bounds = [(k0, k1)]``.
     """
-    n_groups = min(max_groups, -(-len(rows) // size)) if keys.shape[1] else 1
-    if n_groups <= 1:
-        return torch.arange(len(rows)), [(0, len(rows), keys[rows].double().mean(dim=0))]
-    pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:size]
+    order, todo, bounds = torch.arange(len(rows)), [(0, len(rows))], []
+    gen = torch.Generator().manual_seed(0)
+    while todo:
+        k0, k1 = todo.pop()
+        if k1 - k0 <= size or keys.shape[1] == 0:
+            bounds.append((k0, k1))
+            continue
+        idx = order[k0:k1]
+        sample = keys[rows[idx[torch.randperm(len(idx), generator=gen)[:4096]]]].double()
+        sample -= sample.mean(dim=0)
+        direction = torch.linalg.eigh(sample.T @ sample)[1][:, -1].to(keys)
+        proj = torch.cat(
+            [keys[rows[idx[i : i + _ROWS]]] @ direction for i in range(0, len(idx), _ROWS)]
+        )
+        order[k0:k1] = idx[torch.argsort(proj, stable=True)]
+        mid = (k0 + k1) // 2
+        todo += [(mid, k1), (k0, mid)]
+    return order, sorted(bounds)
+
+
+def _grouped_keys(keys, values, counts, rows, bounds, frame, dtype):
+    """Per group: ``keys_ext``, ``values_t`` (see :class:`_Class`), means, log masses and
+    the box of the keys in ``frame``."""
+    r, c = keys.shape[1], values.shape[1]
+    keys_ext = torch.empty(len(rows), r + 3, dtype=dtype)
+    values_t = torch.ones(c + 1, len(rows), dtype=dtype)
+    means = torch.zeros(len(bounds), r, dtype=torch.float64)
+    low, high = torch.zeros(2, len(bounds), r, dtype=torch.float64)
+    log_mass = torch.zeros(len(bounds), dtype=torch.float64)
+    for g, (k0, k1) in enumerate(bounds):
+        block = keys[rows[k0:k1]].double()
+        rotated = block @ frame
+        low[g], high[g] = rotated.amin(dim=0), rotated.amax(dim=0)
+        means[g] = block.mean(dim=0)
+        block -= means[g]
+        log_mass[g] = counts[k0:k1].sum().log()
+        keys_ext[k0:k1, :r] = block.to(dtype)
+        keys_ext[k0:k1, r] = (-0.5 * block.pow(2).sum(dim=1)).to(dtype)
+        keys_ext[k0:k1, r + 1], keys_ext[k0:k1, r + 2] = counts[k0:k1].log().to(dtype), 1.0
+        values_t[:c, k0:k1] = values[rows[k0:k1]].T
+    return keys_ext, values_t, means, log_mass, low, high
+
+
+def _principal_frame(keys: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Principal axes ``(r, r)`` of ``keys[rows]`` (float64, from a sample)."""
+    if keys.shape[1] == 0:
+        return torch.zeros(0, 0, dtype=torch.float64)
+    pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:65536]
     sample = keys[rows[pick]].double()
     sample -= sample.mean(dim=0)
-    direction = torch.linalg.eigh(sample.T @ sample)[1][:, -1].to(keys)
-    proj = torch.cat([keys[rows[i : i + _ROWS]] @ direction for i in range(0, len(rows), _ROWS)])
-    order = torch.argsort(proj)
-    bounds = torch.linspace(0, len(rows), n_groups + 1).round().long().tolist()
-    pairs = zip(bounds[:-1], bounds[1:], strict=True)
-    groups = [(k0, k1, keys[rows[order[k0:k1]]].double().mean(dim=0)) for k0, k1 in pairs]
-    return order, groups
+    return torch.linalg.eigh(sample.T @ sample)[1]
 
 
-def _centre_groups(keys: torch.Tensor, rows: torch.Tensor, groups) -> torch.Tensor:
-    """``keys[rows]`` minus the mean of each group (in float64, stored in ``keys.dtype``)."""
-    out = torch.empty(len(rows), keys.shape[1], dtype=keys.dtype, device=keys.device)
-    for k0, k1, mean in groups:
-        out[k0:k1] = (keys[rows[k0:k1]].double() - mean).to(keys.dtype)
-    return out
+def _box_gap2(w: torch.Tensor, cls) -> torch.Tensor:
+    """``(Q, G)`` lower bounds of ``min_k ‖w - key‖²`` over each group's keys: the squared
+    distance from ``w`` to the group's box in the principal frame (less a 1e-9 margin)."""
+    rotated = w @ cls.frame
+    out = torch.empty(len(w), len(cls.low), dtype=torch.float64, device=w.device)
+    step = max(1, _BLOCK // (len(cls.low) * max(cls.rank, 1)))
+    for q0 in range(0, len(w), step):
+        x = rotated[q0 : q0 + step, None]
+        gap = (cls.low - x).clamp_(min=0) + (x - cls.high).clamp_(min=0)
+        out[q0 : q0 + step] = gap.pow_(2).sum(dim=2)
+    corner = torch.maximum(cls.low.abs(), cls.high.abs()).pow(2).sum(dim=1)
+    scale = rotated.pow(2).sum(dim=1)[:, None] + corner
+    return (out - 1e-9 * scale).clamp_(min=0)
 
 
 class LEMMSE:
@@ -190,6 +261,9 @@ class LEMMSE:
 
     Precomputes the location classes, whitening and keys once; ``__call__(y, sigma)``
     returns the estimate ``(n, C, H, W)``. ``B=None`` means ``B = I`` (physics-agnostic).
+    ``group_size``: keys per group (the unit of centring and of pruning); ``kernel``:
+    ``"fused"`` (PyTorch's CPU flash attention), ``"gemm"`` (GEMM + exp + GEMM, any
+    device) or ``"auto"`` (fused on the CPU for patch ranks below 48).
     """
 
     def __init__(
@@ -201,6 +275,8 @@ class LEMMSE:
         *,
         dtype: torch.dtype = torch.float32,
         support_rtol: float = 1e-6,
+        group_size: int = 4096,
+        kernel: str = "auto",
         progress: bool = False,
     ):
         self.B, self.y_shape = check_setup(train, A, B)
@@ -209,9 +285,22 @@ class LEMMSE:
         self.p = check_patch_size(patch_size, self.shape)
         self.dtype = check_dtype(dtype)
         self.support_rtol = float(support_rtol)
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        self.group_size = group_size
+        if kernel not in ("auto", "fused", "gemm"):
+            raise ValueError(f"kernel must be 'auto', 'fused' or 'gemm', got {kernel!r}")
+        if kernel == "fused" and _flash_attention is None:
+            raise ValueError("kernel='fused' needs PyTorch's fused CPU attention")
+        self.kernel = kernel
+        # terms below exp(floor) of the shift count as exp(floor): subnormal floats are slow
+        # (x86), and the bias is at most (terms)·exp(floor) of the weight (< 1e-19 here)
+        self._floor = -60.0 if self.dtype == torch.float32 else -600.0
         self.n_train = train.shape[0]
         self.classes = self._build_classes()
         self._build_keys(progress)
+        span = train.double().amax(dim=(0, 2, 3)) - train.double().amin(dim=(0, 2, 3))
+        self._value_range = span.to(train.device)  # per channel: bounds |x_k[n] - estimate|
 
     # ------------------------------------------------------------------ precomputation
 
@@ -254,16 +343,17 @@ class LEMMSE:
         for cls in self.classes:
             keys, values = (t.flatten(0, 1) for t in store.pop(id(cls)))
             first, counts = _merge_duplicates(keys, values)
-            order, cls.groups = _group_keys(keys, first)
-            rows = first[order]
-            cls.keys = _centre_groups(keys, rows, cls.groups).to(device)
-            cls.values = values[rows].to(device)
+            order, cls.bounds = _tree_groups(keys, first, self.group_size)
+            rows, counts = first[order], counts[order]
+            cls.frame = _principal_frame(keys, rows)
+            grouped = _grouped_keys(keys, values, counts, rows, cls.bounds, cls.frame, self.dtype)
             del keys, values
-            cls.half_sq = 0.5 * cls.keys.double().pow(2).sum(dim=1).to(self.dtype)
-            cls.counts, cls.source = counts[order].to(device), rows.to(device)
-            cls.log_counts = cls.counts.log().to(self.dtype)
+            cls.keys_ext, cls.values_t, cls.means, cls.log_mass, cls.low, cls.high = (
+                t.to(device) for t in grouped
+            )
+            cls.frame = cls.frame.to(device)
+            cls.counts, cls.source = counts.to(device), rows.to(device)
             cls.centre = cls.centre.to(device)
-            cls.groups = [(k0, k1, mean.to(device)) for k0, k1, mean in cls.groups]
 
     # ----------------------------------------------------------------------- queries
 
@@ -293,88 +383,198 @@ class LEMMSE:
         """Per class and key group: ``(rows, cls, k0, k1, q, offset)``.
 
         ``q`` are the whitened queries minus the group mean, in ``dtype``; the log-weight of
-        term ``(row, key)`` is ``(q·key - ½‖key‖²) / σ² + offset[row]`` (``offset`` float64).
+        term ``(row, key)`` is ``(q·key - ½‖key‖²) / σ² + log count + offset[row]``.
         """
         for i, cls in enumerate(self.classes):
             rows = torch.nonzero(active[:, i]).flatten()
             if len(rows) == 0:
                 continue
             whitened = u[rows] @ cls.whiten.T.to(u.device) - cls.centre
-            for k0, k1, mean in cls.groups:
+            for (k0, k1), mean in zip(cls.bounds, cls.means, strict=True):
                 q = whitened - mean
                 offset = -0.5 * q.pow(2).sum(dim=1) / sigma**2 - 0.5 * cls.log_pdet
                 yield rows, cls, k0, k1, q.to(self.dtype), offset
 
     def _blocks(self, u, active, sigma, chunk_size, progress):
-        """Yield ``(rows, cls, k0, k1, s, offset)``: per-term logits ``s + offset[:, None]``."""
-        max_block = 2**22  # logits per block (16 MiB in float32)
-        key_block = chunk_size or 65536
-        query_block = max(1, max_block // key_block)
+        """Yield ``(rows, cls, k0, k1, s, offset)``: log-weights ``s + offset[:, None]`` of
+        the merged keys ``k0:k1`` (log counts included)."""
         work = list(self._queries(u, active, sigma))
         bar = tqdm(total=sum(w[3] - w[2] for w in work), disable=not progress)
         for rows, cls, g0, g1, q, offset in work:
-            for k0 in range(g0, g1, key_block):
-                k1 = min(k0 + key_block, g1)
-                keys, half_sq = cls.keys[k0:k1], cls.half_sq[k0:k1]
-                for q0 in range(0, len(rows), query_block):
-                    sl = slice(q0, q0 + query_block)
-                    s = (q[sl] @ keys.T - half_sq) / sigma**2
+            for k0 in range(g0, g1, chunk_size or g1 - g0):
+                k1 = min(k0 + (chunk_size or g1 - g0), g1)
+                keys, step = cls.keys_ext[k0:k1], max(1, _BLOCK // (k1 - k0))
+                for q0 in range(0, len(rows), step):
+                    sl = slice(q0, q0 + step)
+                    s = q[sl] @ keys[:, : cls.rank].T / sigma**2
+                    s += keys[:, cls.rank] / sigma**2 + keys[:, cls.rank + 1]
                     yield rows[sl], cls, k0, k1, s, offset[sl]
                 bar.update(k1 - k0)
         bar.close()
 
-    def _attend(self, q, cls, sigma, k0, k1):
-        """Fused attention of queries ``q`` over keys ``k0:k1`` of ``cls`` (CPU flash kernel).
+    def _group_sums(self, cls, g, w, sigma, shift, key_block):
+        """``Σ_k exp(ℓ(w, k) - shift) [x_k[n], 1]`` over group ``g`` (float64 ``(Q, C+1)``).
 
-        The key bias ``-½‖k‖² + σ² log count`` is folded into one extra dimension, so
-        ``softmax(q'·k' / σ²)`` is exactly the softmax of the per-term logits plus the
-        log counts. Returns ``(out (Q, C), log Σ exp)`` in float64, without ``offset``.
+        ``w``: whitened queries of the class; ``shift`` float64 ``(Q,)``, or ``None`` for the
+        largest log-weight of the group per query (then returned as the second output).
         """
-        c = cls.values.shape[1]
-        d = max(cls.rank + 1, c)
-        bias = -cls.half_sq[k0:k1].double() + sigma**2 * cls.counts[k0:k1].log()
-        keys = torch.zeros(k1 - k0, d, dtype=self.dtype, device=q.device)
-        keys[:, : cls.rank], keys[:, cls.rank] = cls.keys[k0:k1], bias.to(self.dtype)
-        query = torch.zeros(len(q), d, dtype=self.dtype, device=q.device)
-        query[:, : cls.rank], query[:, cls.rank] = q, 1.0
-        values = torch.zeros(k1 - k0, d, dtype=self.dtype, device=q.device)
-        values[:, :c] = cls.values[k0:k1]
-        out, lse = _flash_attention(
-            query[None, None], keys[None, None], values[None, None], scale=1.0 / sigma**2
-        )[:2]
-        return out[0, 0, :, :c].double(), lse[0, 0].double()
+        if self._fused(cls):
+            return self._group_sums_fused(cls, g, w, sigma, shift, key_block)
+        return self._group_sums_gemm(cls, g, w, sigma, shift, key_block)
 
-    def _estimate_fused(self, u, active, sigma, chunk_size, progress):
-        """Estimate through the fused attention kernel, merging classes and key chunks."""
+    def _fused(self, cls) -> bool:
+        if self.kernel == "auto":
+            return (
+                _flash_attention is not None
+                and cls.keys_ext.device.type == "cpu"
+                and (cls.rank < _FUSED_MAX_RANK)
+            )
+        return self.kernel == "fused"
+
+    def _group_sums_gemm(self, cls, g, w, sigma, shift, key_block):
+        """GEMM, in-place ``exp``, GEMM with the ``C + 1`` values; terms are computed
+        transposed, ``(keys, queries)``, so that the values are the small left factor."""
+        (k0, k1), r = cls.bounds[g], cls.rank
+        q = w - cls.means[g]
+        offset = -0.5 * q.pow(2).sum(dim=1) / sigma**2 - 0.5 * cls.log_pdet
+        query = torch.empty(len(w), r + 3, dtype=self.dtype, device=w.device)
+        query[:, :r], query[:, r], query[:, r + 1] = q / sigma**2, 1 / sigma**2, 1.0
+        keys, values = cls.keys_ext[k0:k1], cls.values_t[:, k0:k1]
+        if shift is None:
+            query[:, r + 2] = offset
+            s = keys @ query.T
+            top = s.max(dim=0).values
+            sums = values @ s.sub_(top).clamp_(min=self._floor).exp_()
+            return sums.T.double(), top.double()
+        query[:, r + 2] = offset - shift
+        sums = torch.zeros(values.shape[0], len(w), dtype=self.dtype, device=w.device)
+        step = max(1, _BLOCK // min(key_block, k1 - k0))
+        for j0 in range(0, k1 - k0, key_block):
+            kb, vb = keys[j0 : j0 + key_block], values[:, j0 : j0 + key_block]
+            for q0 in range(0, len(w), step):
+                s = (kb @ query[q0 : q0 + step].T).clamp_(min=self._floor).exp_()
+                sums[:, q0 : q0 + step].addmm_(vb, s)
+        return sums.T.double(), shift
+
+    def _group_sums_fused(self, cls, g, w, sigma, shift, key_block):
+        """PyTorch's fused CPU attention (it returns the log-sum-exp): the key bias
+        ``-½‖k‖² + σ² log count`` is one extra dimension, values are padded to the key
+        dimension. Cheaper than the GEMM path for small patch dimensions."""
+        (k0, k1), r = cls.bounds[g], cls.rank
+        c, d = cls.values_t.shape[0] - 1, max(cls.rank + 1, cls.values_t.shape[0] - 1)
+        q = w - cls.means[g]
+        offset = -0.5 * q.pow(2).sum(dim=1) / sigma**2 - 0.5 * cls.log_pdet
+        query = torch.zeros(len(w), d, dtype=self.dtype, device=w.device)
+        query[:, :r], query[:, r] = q, 1.0
+        lse, outs = [], []
+        for j0 in range(k0, k1, key_block):
+            j1 = min(j0 + key_block, k1)
+            ext = cls.keys_ext[j0:j1]
+            keys = torch.zeros(j1 - j0, d, dtype=self.dtype, device=w.device)
+            keys[:, :r], keys[:, r] = ext[:, :r], ext[:, r] + sigma**2 * ext[:, r + 1]
+            values = torch.zeros(j1 - j0, d, dtype=self.dtype, device=w.device)
+            values[:, :c] = cls.values_t[:c, j0:j1].T
+            out, log_norm = _flash_attention(
+                query[None, None], keys[None, None], values[None, None], scale=1 / sigma**2
+            )[:2]
+            outs.append(out[0, 0, :, :c].double())
+            lse.append(log_norm[0, 0].double() + offset)
+        lse = torch.stack(lse)
+        top = lse.max(dim=0).values if shift is None else shift
+        weight = torch.exp(lse - top)  # float64: no overflow for any shift in use
+        sums = torch.ones(len(w), c + 1, dtype=torch.float64, device=w.device)
+        sums[:, :c] = torch.einsum("bq,bqc->qc", weight, torch.stack(outs))
+        sums[:, c] = weight.sum(dim=0)
+        return sums, top
+
+    def _attend_class(self, cls, w, sigma, rtol, key_block):
+        """Softmax over the keys of one class: ``(out (Q, C), lse, skipped)`` in float64.
+
+        ``skipped``: log of the bound on the weight of the groups left out (``-inf`` if none).
+        """
+        seed = torch.argmin(torch.cdist(w, cls.means), dim=1)
+        sums = torch.empty(len(w), cls.values_t.shape[0], dtype=torch.float64, device=w.device)
+        shift = torch.empty(len(w), dtype=torch.float64, device=w.device)
+        for g in torch.unique(seed).tolist():
+            rows = torch.nonzero(seed == g).flatten()
+            sums[rows], shift[rows] = self._group_sums(cls, g, w[rows], sigma, None, key_block)
+        needed = torch.ones(len(w), len(cls.bounds), dtype=torch.bool, device=w.device)
+        needed[torch.arange(len(w)), seed] = False
+        skipped = torch.full_like(shift, -torch.inf)
+        if rtol > 0:
+            log_bound = cls.log_mass - _box_gap2(w, cls) / (2 * sigma**2) - 0.5 * cls.log_pdet
+            # skip the lightest bounds while their sum is at most rtol of the seed's weight
+            bound, order = torch.where(needed, log_bound, -torch.inf).sort(dim=1)
+            total = torch.logcumsumexp(bound, dim=1)
+            light = (total <= (shift + sums[:, -1].log() + math.log(rtol))[:, None]) & (
+                bound > -torch.inf
+            )
+            needed.scatter_(1, order, ~light & needed.gather(1, order))
+            skipped = torch.where(light, total, -torch.inf).max(dim=1).values
+        every, counts = torch.arange(len(w), device=w.device), needed.sum(dim=0).tolist()
+        for g in range(len(cls.bounds)):
+            if counts[g] == 0:
+                continue
+            # most queries need g: all of them, the others discarded (cheaper than a gather)
+            dense = counts[g] > _DENSE * len(w)
+            rows = every if dense else torch.nonzero(needed[:, g]).flatten()
+            part = self._shifted_sums(
+                cls, g, w if dense else w[rows], sigma, shift, rows, sums, key_block
+            )
+            part[~needed[rows, g]] = 0
+            sums[rows] += part  # after the call: it may rescale sums[rows]
+        return sums[:, :-1] / sums[:, -1:], shift + sums[:, -1].log(), skipped
+
+    def _shifted_sums(self, cls, g, w, sigma, shift, rows, sums, key_block):
+        """Group ``g``'s sums at the queries' shift; where a term exceeds it by more than
+        the float range allows, the group is redone at its own maximum, which becomes the
+        new shift (``shift`` and ``sums`` rescaled in place)."""
+        part = self._group_sums(cls, g, w, sigma, shift[rows], key_block)[0]
+        hot = ~(part[:, -1] < _SAFE)  # near overflow, or overflowed
+        if hot.any():
+            at = rows[hot]
+            redo, top = self._group_sums(cls, g, w[hot], sigma, None, key_block)
+            new = torch.maximum(shift[at], top)
+            sums[at] *= torch.exp(shift[at] - new)[:, None]
+            part[hot] = redo * torch.exp(top - new)[:, None]
+            shift[at] = new
+        return part
+
+    def _estimate_gemm(self, u, active, sigma, rtol, chunk_size, progress):
+        """Estimate and the bound on the skipped weight, class by class (see module doc)."""
+        n_values = self.shape[0]
         state = StreamingSoftmax(len(u), device=u.device)
-        acc = torch.zeros(len(u), self.shape[0], dtype=torch.float64, device=u.device)
-        work = list(self._queries(u, active, sigma))
-        bar = tqdm(total=sum(w[3] - w[2] for w in work), disable=not progress)
-        for rows, cls, g0, g1, q, offset in work:
-            step = chunk_size or g1 - g0
-            for k0 in range(g0, g1, step):
-                k1 = min(k0 + step, g1)
-                out, log_norm = self._attend(q, cls, sigma, k0, k1)
-                block = log_norm + offset
-                new, scale = state.update(block, rows)
-                weight = torch.exp(block - new)
-                acc[rows] = acc[rows] * scale[:, None] + weight[:, None] * out
-                state.add(weight, rows)
-                bar.update(k1 - k0)
-        bar.close()
-        return acc / state.sum[:, None]
+        acc = torch.zeros(len(u), n_values, dtype=torch.float64, device=u.device)
+        skipped = torch.full((len(u),), -torch.inf, dtype=torch.float64, device=u.device)
+        key_block = chunk_size or self.group_size
+        work = [(cls, torch.nonzero(active[:, i]).flatten()) for i, cls in enumerate(self.classes)]
+        chunks = [
+            (cls, rows[r0 : r0 + _QUERIES])
+            for cls, rows in work
+            for r0 in range(0, len(rows), _QUERIES)
+        ]
+        for cls, rows in tqdm(chunks, desc="LE-MMSE", disable=not progress):
+            w = u[rows] @ cls.whiten.T.to(u.device) - cls.centre
+            out, lse, skip = self._attend_class(cls, w, sigma, rtol, key_block)
+            new, scale = state.update(lse, rows)
+            weight = torch.exp(lse - new)
+            acc[rows] = acc[rows] * scale[:, None] + weight[:, None] * out
+            state.add(weight, rows)
+            skipped[rows] = torch.logaddexp(skipped[rows], skip)
+        log_norm = state.log_normaliser()
+        bound = torch.exp(skipped - log_norm)[:, None] * self._value_range
+        return acc / state.sum[:, None], bound
 
     def _estimate_blocked(self, u, active, sigma, chunk_size, progress, top):
-        """Estimate with explicit logit blocks (any device; feeds the diagnostics)."""
+        """Estimate with explicit log-weight blocks (feeds the diagnostics)."""
         state = StreamingSoftmax(len(u), device=u.device)
         acc = torch.zeros(len(u), self.shape[0], dtype=torch.float64, device=u.device)
         for rows, cls, k0, k1, s, offset in self._blocks(u, active, sigma, chunk_size, progress):
-            s_c = s + cls.log_counts[k0:k1]
-            new, scale = state.update(s_c.max(dim=1).values.double() + offset, rows)
-            p = torch.exp(s_c.sub_((new - offset).to(s.dtype)[:, None]))
+            top.update(rows, cls, k0, s - cls.keys_ext[k0:k1, cls.rank + 1], offset)
+            new, scale = state.update(s.max(dim=1).values.double() + offset, rows)
+            p = torch.exp(s.sub_((new - offset).to(s.dtype)[:, None]))
             acc[rows] = acc[rows] * scale[:, None] + (p @ cls.values[k0:k1]).double()
             state.add(p.sum(dim=1), rows)
-            top.update(rows, cls, k0, s, offset)
         return acc / state.sum[:, None], state.log_normaliser()
 
     def estimate(
@@ -382,6 +582,8 @@ class LEMMSE:
         v: torch.Tensor,
         sigma: float,
         *,
+        rtol: float = 0.0,
+        error_bound: bool = False,
         chunk_size: int | None = None,
         diagnostics: bool = False,
         mass: float | None = None,
@@ -390,27 +592,32 @@ class LEMMSE:
     ):
         """LE-MMSE of pre-inverted measurements ``v = B y`` ``(n, C, H, W)``.
 
-        Without diagnostics on the CPU, one fused attention kernel per class (and key
-        chunk); otherwise explicit logit blocks of ``chunk_size`` keys.
+        ``rtol > 0`` skips groups of keys holding provably at most ``rtol`` of the weight
+        (module doc); ``error_bound=True`` also returns the guaranteed bound ``(n, C, H, W)``
+        on ``|estimate - exact|`` (zero when nothing is skipped; rounding aside).
+        ``chunk_size``: keys per block (the result does not depend on it). Diagnostics use
+        explicit log-weight blocks and the exact computation.
         """
         sigma = check_sigma(sigma)
+        rtol = _check_rtol(rtol)
         if mass is not None and not 0 < mass <= 1:
             raise ValueError(f"mass must be in (0, 1], got {mass!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        if diagnostics and (rtol > 0 or error_bound):
+            raise ValueError("diagnostics are exact: use rtol=0 and error_bound=False with them")
         n, (c, h, w) = v.shape[0], self.shape
         u = extract_patches(v.double(), self.p).reshape(n * h * w, -1)
         stratum, active = self._active(u)
 
-        def image(flat):
-            return flat.reshape(n, h, w, c).permute(0, 3, 1, 2).to(self.dtype).contiguous()
+        def image(flat, dtype=self.dtype):
+            return flat.reshape(n, h, w, c).permute(0, 3, 1, 2).to(dtype).contiguous()
 
-        if not diagnostics and _flash_attention is not None and u.device.type == "cpu":
-            return image(self._estimate_fused(u, active, sigma, chunk_size, progress))
-        top = _TopK(len(u), top_k if diagnostics else 0, self.classes, u.device)
-        flat, log_norm = self._estimate_blocked(u, active, sigma, chunk_size, progress, top)
         if not diagnostics:
-            return image(flat)
+            flat, bound = self._estimate_gemm(u, active, sigma, rtol, chunk_size, progress)
+            return (image(flat), image(bound, torch.float64)) if error_bound else image(flat)
+        top = _TopK(len(u), top_k, self.classes, u.device)
+        flat, log_norm = self._estimate_blocked(u, active, sigma, chunk_size, progress, top)
         log_density = (
             log_norm
             - 0.5 * stratum.double() * math.log(2 * math.pi * sigma**2)
@@ -438,11 +645,11 @@ class LEMMSE:
         hist_mass = torch.zeros(len(u) * n_bins, dtype=torch.float64, device=u.device)
         hist_count = torch.zeros_like(hist_mass)
         for rows, cls, k0, k1, s, offset in self._blocks(u, active, sigma, chunk_size, False):
-            log_w = s.double() + (offset - log_norm[rows])[:, None]
-            bins = (-log_w / MASS_BIN).floor().clamp(0, n_bins - 1).long()
-            index = (rows[:, None] * n_bins + bins).flatten()
+            log_w = s.double() + (offset - log_norm[rows])[:, None]  # merged keys
             counts = cls.counts[k0:k1].expand_as(log_w)
-            hist_mass.index_add_(0, index, (log_w.exp() * counts).flatten())
+            bins = (-(log_w - counts.log()) / MASS_BIN).floor().clamp(0, n_bins - 1).long()
+            index = (rows[:, None] * n_bins + bins).flatten()
+            hist_mass.index_add_(0, index, log_w.exp().flatten())
             hist_count.index_add_(0, index, counts.flatten())
         return _count_from_histogram(
             hist_mass.reshape(len(u), n_bins), hist_count.reshape(len(u), n_bins), mass
@@ -452,6 +659,12 @@ class LEMMSE:
         """LE-MMSE of measurements ``y`` (see :meth:`estimate` for the keywords)."""
         y = check_measurement(y, self.train, self.y_shape)
         return self.estimate(self.B.A(y.double()), sigma, **kwargs)
+
+
+def _check_rtol(rtol) -> float:
+    if isinstance(rtol, bool) or not isinstance(rtol, int | float) or not 0 <= rtol < 1:
+        raise ValueError(f"rtol must be a float in [0, 1), got {rtol!r}")
+    return float(rtol)
 
 
 def _count_from_histogram(hist_mass, hist_count, mass: float) -> torch.Tensor:
@@ -514,6 +727,7 @@ def le_mmse(
     B: LinearMap | None = None,
     *,
     dtype: torch.dtype = torch.float32,
+    rtol: float = 0.0,
     chunk_size: int | None = None,
     diagnostics: bool = False,
     mass: float | None = None,
@@ -522,14 +736,16 @@ def le_mmse(
 ):
     """LE-MMSE estimate (Thm. 3.8, Prop. B.5) of ``y`` with patches of odd ``patch_size``.
 
-    ``chunk_size`` keys per block (the result does not depend on it); ``diagnostics=True``
-    returns ``(x_hat, PatchDiagnostics)``; ``mass=q`` adds the mass count (a second pass).
+    ``rtol``: certified pruning (see :meth:`LEMMSE.estimate`); ``chunk_size`` keys per
+    block (the result does not depend on it); ``diagnostics=True`` returns
+    ``(x_hat, PatchDiagnostics)``; ``mass=q`` adds the mass count (a second pass).
     For several ``y`` or σ with the same data, build one :class:`LEMMSE` and call it.
     """
     engine = LEMMSE(train, A, patch_size, B, dtype=dtype, progress=progress)
     return engine(
         y,
         sigma,
+        rtol=rtol,
         chunk_size=chunk_size,
         diagnostics=diagnostics,
         mass=mass,

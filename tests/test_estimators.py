@@ -240,6 +240,95 @@ def test_le_mmse_streaming_chunks(op_name, kind):
         torch.testing.assert_close(diag.top_weights, diag0.top_weights, rtol=1e-10, atol=1e-10)
 
 
+PRUNE_SIGMAS = (0.01, 0.05, 0.2, 1.0)
+
+
+@pytest.mark.parametrize("color", ["gray", "color"])
+@pytest.mark.parametrize("op_name,kind", CASES)
+def test_le_mmse_pruning_bound_holds(op_name, kind, color):
+    """rtol > 0: |pruned - exact| <= the returned bound <= rtol · range, for every σ; small
+    groups (4 keys) so that many are skipped; both kernels."""
+    pruned_somewhere = False
+    for sigma in PRUNE_SIGMAS:
+        train, A, B, y = problem(op_name, kind, color, sigma)
+        v = B.A(y)
+        exact = lc.LEMMSE(train, A, P, B, dtype=torch.float64).estimate(v, sigma)
+        span = float(train.max() - train.min())
+        for kernel in ("fused", "gemm"):
+            engine = lc.LEMMSE(train, A, P, B, dtype=torch.float64, group_size=4, kernel=kernel)
+            for rtol in (1e-8, 1e-2):
+                out, bound = engine.estimate(v, sigma, rtol=rtol, error_bound=True)
+                assert bound.shape == out.shape and (bound >= 0).all()
+                assert ((out - exact).abs() <= bound + 1e-11).all(), (sigma, kernel, rtol)
+                assert (bound <= rtol * span * (1 + 1e-9)).all()
+                pruned_somewhere |= bool((bound > 0).any())
+    assert pruned_somewhere  # otherwise the test exercises nothing
+
+
+def test_le_mmse_pruning_skips_work_and_bound_is_tight_enough():
+    """At σ = 0.01 the pruned estimate skips groups (bound > 0) and stays within 1e-6."""
+    train, A, B, y = problem("denoising", "identity", "gray", 0.05)
+    engine = lc.LEMMSE(train, A, P, B, dtype=torch.float64, group_size=2)
+    exact = engine.estimate(y, 0.01)
+    out, bound = engine.estimate(y, 0.01, rtol=1e-6, error_bound=True)
+    assert (bound > 0).float().mean() > 0.5
+    assert (out - exact).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("op_name,kind", CASES)
+def test_le_mmse_exact_path_is_unpruned(op_name, kind):
+    """rtol = 0 (the default) is the exact computation: bound identically 0, output
+    bit-identical to the default call; kernels and group sizes agree to rounding."""
+    train, A, B, y = problem(op_name, kind, "color", 0.05)
+    v = B.A(y)
+    engines = [
+        lc.LEMMSE(train, A, P, B, dtype=torch.float64, group_size=g, kernel=k)
+        for g in (3, 10**6)
+        for k in ("fused", "gemm")
+    ]
+    base = engines[0].estimate(v, 0.05)
+    out, bound = engines[0].estimate(v, 0.05, rtol=0.0, error_bound=True)
+    assert torch.equal(out, base) and torch.equal(bound, torch.zeros_like(bound))
+    for engine in engines[1:]:
+        torch.testing.assert_close(
+            engine.estimate(v, 0.05), base, **tolerance("le_mmse", op_name, kind, "color")
+        )
+
+
+def test_le_mmse_float32_gemm_kernel_matches_float64():
+    """The GEMM kernel in float32 (shift folded into the GEMM, lazy rescaling) at σ = 0.01."""
+    train, A, B, y = problem("inpaint_random", "adjoint", "color", 0.05)
+    ref = lc.LEMMSE(train, A, P, B, dtype=torch.float64)(y, 0.01)
+    for g in (2, 4096):
+        out = lc.LEMMSE(train, A, P, B, group_size=g, kernel="gemm")(y, 0.01)
+        assert out.dtype == torch.float32
+        assert (out.double() - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"rtol": -0.1}, "rtol"),
+        ({"rtol": 1.0}, "rtol"),
+        ({"rtol": True}, "rtol"),
+        ({"rtol": 1e-3, "diagnostics": True}, "diagnostics"),
+    ],
+)
+def test_le_mmse_bad_rtol(kwargs, match):
+    train, A, B, y = problem("denoising", "identity", "gray", 0.3)
+    with pytest.raises(ValueError, match=match):
+        lc.le_mmse(y, train, A, 0.3, P, B, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match", [({"group_size": 0}, "group_size"), ({"kernel": "flash"}, "kernel")]
+)
+def test_lemmse_bad_construction(kwargs, match):
+    train, A, B, _ = problem("denoising", "identity", "gray", 0.3)
+    with pytest.raises(ValueError, match=match):
+        lc.LEMMSE(train, A, P, B, **kwargs)
+
+
 @pytest.mark.parametrize("est", ["mmse", "augmented_mmse", "e_mmse"])
 def test_global_streaming_chunks(est):
     train, A, B, y = problem("inpaint_random", "adjoint", "gray", 0.3)
