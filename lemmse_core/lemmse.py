@@ -22,9 +22,9 @@ alike), so a query's heavy terms are computed from small vectors, where rounding
 smallest. Per group, its total count ``C_g`` and the box of its keys in the principal
 axes of the class bound its weight for any query ``u``: ``log C_g - d²(u, box) / (2σ²)
 - ½ log pdet G``. With ``rtol > 0`` the groups whose bounds sum to at most ``rtol`` times
-the weight of the query's nearest group (by mean) are skipped (certified pruning): the skipped weight is
-at most ``rtol`` of the total, and the output error at most ``rtol`` times the range of the
-pixel values (the exact bound is returned on request).
+the weight of the query's nearest group (by mean) are skipped (certified pruning): the
+skipped weight is at most ``rtol`` of the total, and the output error at most ``rtol``
+times the range of the pixel values (the exact bound is returned on request).
 
 Per group and block of queries the estimate is one GEMM (the key bias, log counts and a
 per-query shift are folded into three extra dimensions), an in-place ``exp`` and a GEMM with
@@ -196,13 +196,11 @@ def _tree_groups(keys: torch.Tensor, rows: torch.Tensor, size: int):
             bounds.append((k0, k1))
             continue
         idx = order[k0:k1]
-        sample = keys[rows[idx[torch.randperm(len(idx), generator=gen)[:4096]]]].double()
+        sample = keys[rows[idx[torch.randint(len(idx), (4096,), generator=gen)]]].double()
         sample -= sample.mean(dim=0)
         direction = torch.linalg.eigh(sample.T @ sample)[1][:, -1].to(keys)
-        proj = torch.cat(
-            [keys[rows[idx[i : i + _ROWS]]] @ direction for i in range(0, len(idx), _ROWS)]
-        )
-        order[k0:k1] = idx[torch.argsort(proj, stable=True)]
+        parts = [keys[rows[idx[i : i + _ROWS]]] @ direction for i in range(0, len(idx), _ROWS)]
+        order[k0:k1] = idx[torch.argsort(torch.cat(parts), stable=True)]
         mid = (k0 + k1) // 2
         todo += [(mid, k1), (k0, mid)]
     return order, sorted(bounds)
@@ -437,15 +435,21 @@ class LEMMSE:
         (k0, k1), r = cls.bounds[g], cls.rank
         q = w - cls.means[g]
         offset = -0.5 * q.pow(2).sum(dim=1) / sigma**2 - 0.5 * cls.log_pdet
+        if shift is None:  # the seed group, where the heaviest terms are: in float64
+            query = torch.empty(len(w), r + 3, dtype=torch.float64, device=w.device)
+            query[:, :r], query[:, r], query[:, r + 1], query[:, r + 2] = (
+                q / sigma**2,
+                1 / sigma**2,
+                1.0,
+                offset,
+            )
+            s = cls.keys_ext[k0:k1].double() @ query.T
+            top = s.max(dim=0).values
+            sums = cls.values_t[:, k0:k1].double() @ s.sub_(top).clamp_(min=-600.0).exp_()
+            return sums.T, top
         query = torch.empty(len(w), r + 3, dtype=self.dtype, device=w.device)
         query[:, :r], query[:, r], query[:, r + 1] = q / sigma**2, 1 / sigma**2, 1.0
         keys, values = cls.keys_ext[k0:k1], cls.values_t[:, k0:k1]
-        if shift is None:
-            query[:, r + 2] = offset
-            s = keys @ query.T
-            top = s.max(dim=0).values
-            sums = values @ s.sub_(top).clamp_(min=self._floor).exp_()
-            return sums.T.double(), top.double()
         query[:, r + 2] = offset - shift
         sums = torch.zeros(values.shape[0], len(w), dtype=self.dtype, device=w.device)
         step = max(1, _BLOCK // min(key_block, k1 - k0))
@@ -464,15 +468,16 @@ class LEMMSE:
         c, d = cls.values_t.shape[0] - 1, max(cls.rank + 1, cls.values_t.shape[0] - 1)
         q = w - cls.means[g]
         offset = -0.5 * q.pow(2).sum(dim=1) / sigma**2 - 0.5 * cls.log_pdet
-        query = torch.zeros(len(w), d, dtype=self.dtype, device=w.device)
+        dtype = torch.float64 if shift is None else self.dtype  # the seed group: float64
+        query = torch.zeros(len(w), d, dtype=dtype, device=w.device)
         query[:, :r], query[:, r] = q, 1.0
         lse, outs = [], []
         for j0 in range(k0, k1, key_block):
             j1 = min(j0 + key_block, k1)
             ext = cls.keys_ext[j0:j1]
-            keys = torch.zeros(j1 - j0, d, dtype=self.dtype, device=w.device)
+            keys = torch.zeros(j1 - j0, d, dtype=dtype, device=w.device)
             keys[:, :r], keys[:, r] = ext[:, :r], ext[:, r] + sigma**2 * ext[:, r + 1]
-            values = torch.zeros(j1 - j0, d, dtype=self.dtype, device=w.device)
+            values = torch.zeros(j1 - j0, d, dtype=dtype, device=w.device)
             values[:, :c] = cls.values_t[:c, j0:j1].T
             out, log_norm = _flash_attention(
                 query[None, None], keys[None, None], values[None, None], scale=1 / sigma**2
