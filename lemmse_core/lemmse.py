@@ -29,7 +29,10 @@ times the range of the pixel values (the exact bound is returned on request).
 Per group and block of queries the estimate is one GEMM (the key bias, log counts and a
 per-query shift are folded into three extra dimensions), an in-place ``exp`` and a GEMM with
 the ``C + 1`` columns ``[x_k[n], 1]``: the cost of the values does not grow with the patch
-dimension. The shift is the largest term of the query's nearest group, found first.
+dimension. The shift is the largest term of the query's nearest group, found first and
+in float64 (it holds the heaviest terms, whose rounding matters most at small σ); a group
+with a term above the shift by more than the float range is redone at its own maximum.
+Below 48 dimensions PyTorch's fused CPU attention is faster and is used per group instead.
 """
 
 from __future__ import annotations
