@@ -91,7 +91,7 @@ def main():
     print("| net | variant | s/step | ms/sample | speed-up per sample | warm-up s |")
     print("|---|---|---|---|---|---|")
     for net in args.nets.split(","):
-        config = train.TrainConfig(net=net, preset="tiny", batch_size=16, steps=1)
+        config = train.TrainConfig(net=net, preset="tiny", batch_size=16)
         base = None
         for variant in args.variants.split(","):
             try:
