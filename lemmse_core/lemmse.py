@@ -54,6 +54,9 @@ _BLOCK = 1 << 19  # log-weights per block (2 MiB in float32: cache resident)
 _flash_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FUSED_MAX_RANK = 48  # below, the fused kernel beats GEMM + exp + GEMM (benchmarks/)
 _DENSE = 0.8  # a group needed by more than this fraction of the queries is run on all
+# terms below exp(floor) of the shift count as exp(floor): subnormal floats are slow (x86),
+# and the bias is at most (terms)·exp(floor) of the weight (< 1e-19 here)
+_FLOOR = {torch.float32: -60.0, torch.float64: -600.0}
 _SAFE = 1e30  # largest group sum trusted in float32 (overflow at 3.4e38)
 _QUERIES = 8192  # queries per pass over a class (bounds the (queries, groups) bounds)
 MASS_BIN = 0.01  # width in nats of the log-weight histogram used by ``mass_count``
@@ -199,9 +202,8 @@ def _tree_groups(keys: torch.Tensor, rows: torch.Tensor, size: int):
             bounds.append((k0, k1))
             continue
         idx = order[k0:k1]
-        sample = keys[rows[idx[torch.randint(len(idx), (4096,), generator=gen)]]].double()
-        sample -= sample.mean(dim=0)
-        direction = torch.linalg.eigh(sample.T @ sample)[1][:, -1].to(keys)
+        sample = keys[rows[idx[torch.randint(len(idx), (4096,), generator=gen)]]]
+        direction = _principal_axes(sample)[:, -1].to(keys)
         parts = [keys[rows[idx[i : i + _ROWS]]] @ direction for i in range(0, len(idx), _ROWS)]
         order[k0:k1] = idx[torch.argsort(torch.cat(parts), stable=True)]
         mid = (k0 + k1) // 2
@@ -232,14 +234,27 @@ def _grouped_keys(keys, values, counts, rows, bounds, frame, dtype):
     return keys_ext, values_t, means, log_mass, low, high
 
 
+def _principal_axes(sample: torch.Tensor) -> torch.Tensor:
+    """Principal axes ``(r, r)`` of the rows of ``sample`` (float64, ascending variance)."""
+    sample = sample.double()
+    sample -= sample.mean(dim=0)
+    return torch.linalg.eigh(sample.T @ sample)[1]
+
+
 def _principal_frame(keys: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Principal axes ``(r, r)`` of ``keys[rows]`` (float64, from a sample)."""
+    """Principal axes ``(r, r)`` of ``keys[rows]`` (from a sample)."""
     if keys.shape[1] == 0:
         return torch.zeros(0, 0, dtype=torch.float64)
     pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:65536]
-    sample = keys[rows[pick]].double()
-    sample -= sample.mean(dim=0)
-    return torch.linalg.eigh(sample.T @ sample)[1]
+    return _principal_axes(keys[rows[pick]])
+
+
+def _centred(cls, g: int, w: torch.Tensor, sigma: float):
+    """Queries ``w`` minus the mean of group ``g`` and their log-weight offsets (float64):
+    the log-weight of term ``(row, key)`` is ``(q·key - ½‖key‖²) / σ² + log count +
+    offset[row]``."""
+    q = w - cls.means[g]
+    return q, -0.5 * q.pow(2).sum(dim=1) / sigma**2 - 0.5 * cls.log_pdet
 
 
 def _box_gap2(w: torch.Tensor, cls) -> torch.Tensor:
@@ -294,9 +309,6 @@ class LEMMSE:
         if kernel == "fused" and _flash_attention is None:
             raise ValueError("kernel='fused' needs PyTorch's fused CPU attention")
         self.kernel = kernel
-        # terms below exp(floor) of the shift count as exp(floor): subnormal floats are slow
-        # (x86), and the bias is at most (terms)·exp(floor) of the weight (< 1e-19 here)
-        self._floor = -60.0 if self.dtype == torch.float32 else -600.0
         self.n_train = train.shape[0]
         self.classes = self._build_classes()
         self._build_keys(progress)
@@ -383,17 +395,15 @@ class LEMMSE:
     def _queries(self, u, active, sigma):
         """Per class and key group: ``(rows, cls, k0, k1, q, offset)``.
 
-        ``q`` are the whitened queries minus the group mean, in ``dtype``; the log-weight of
-        term ``(row, key)`` is ``(q·key - ½‖key‖²) / σ² + log count + offset[row]``.
+        ``q``, ``offset``: see :func:`_centred` (``q`` in ``dtype``).
         """
         for i, cls in enumerate(self.classes):
             rows = torch.nonzero(active[:, i]).flatten()
             if len(rows) == 0:
                 continue
             whitened = u[rows] @ cls.whiten.T.to(u.device) - cls.centre
-            for (k0, k1), mean in zip(cls.bounds, cls.means, strict=True):
-                q = whitened - mean
-                offset = -0.5 * q.pow(2).sum(dim=1) / sigma**2 - 0.5 * cls.log_pdet
+            for g, (k0, k1) in enumerate(cls.bounds):
+                q, offset = _centred(cls, g, whitened, sigma)
                 yield rows, cls, k0, k1, q.to(self.dtype), offset
 
     def _blocks(self, u, active, sigma, chunk_size, progress):
@@ -436,30 +446,23 @@ class LEMMSE:
         """GEMM, in-place ``exp``, GEMM with the ``C + 1`` values; terms are computed
         transposed, ``(keys, queries)``, so that the values are the small left factor."""
         (k0, k1), r = cls.bounds[g], cls.rank
-        q = w - cls.means[g]
-        offset = -0.5 * q.pow(2).sum(dim=1) / sigma**2 - 0.5 * cls.log_pdet
-        if shift is None:  # the seed group, where the heaviest terms are: in float64
-            query = torch.empty(len(w), r + 3, dtype=torch.float64, device=w.device)
-            query[:, :r], query[:, r], query[:, r + 1], query[:, r + 2] = (
-                q / sigma**2,
-                1 / sigma**2,
-                1.0,
-                offset,
-            )
-            s = cls.keys_ext[k0:k1].double() @ query.T
-            top = s.max(dim=0).values
-            sums = cls.values_t[:, k0:k1].double() @ s.sub_(top).clamp_(min=-600.0).exp_()
-            return sums.T, top
-        query = torch.empty(len(w), r + 3, dtype=self.dtype, device=w.device)
+        q, offset = _centred(cls, g, w, sigma)
+        seed = shift is None  # the seed group, where the heaviest terms are: in float64
+        dtype = torch.float64 if seed else self.dtype
+        query = torch.empty(len(w), r + 3, dtype=dtype, device=w.device)
         query[:, :r], query[:, r], query[:, r + 1] = q / sigma**2, 1 / sigma**2, 1.0
-        keys, values = cls.keys_ext[k0:k1], cls.values_t[:, k0:k1]
-        query[:, r + 2] = offset - shift
-        sums = torch.zeros(values.shape[0], len(w), dtype=self.dtype, device=w.device)
+        query[:, r + 2] = offset if seed else offset - shift
+        keys, values = cls.keys_ext[k0:k1].to(dtype), cls.values_t[:, k0:k1].to(dtype)
+        if seed:
+            s = keys @ query.T
+            top = s.max(dim=0).values
+            return (values @ s.sub_(top).clamp_(min=_FLOOR[dtype]).exp_()).T, top
+        sums = torch.zeros(values.shape[0], len(w), dtype=dtype, device=w.device)
         step = max(1, _BLOCK // min(key_block, k1 - k0))
         for j0 in range(0, k1 - k0, key_block):
             kb, vb = keys[j0 : j0 + key_block], values[:, j0 : j0 + key_block]
             for q0 in range(0, len(w), step):
-                s = (kb @ query[q0 : q0 + step].T).clamp_(min=self._floor).exp_()
+                s = (kb @ query[q0 : q0 + step].T).clamp_(min=_FLOOR[dtype]).exp_()
                 sums[:, q0 : q0 + step].addmm_(vb, s)
         return sums.T.double(), shift
 
@@ -469,8 +472,7 @@ class LEMMSE:
         dimension. Cheaper than the GEMM path for small patch dimensions."""
         (k0, k1), r = cls.bounds[g], cls.rank
         c, d = cls.values_t.shape[0] - 1, max(cls.rank + 1, cls.values_t.shape[0] - 1)
-        q = w - cls.means[g]
-        offset = -0.5 * q.pow(2).sum(dim=1) / sigma**2 - 0.5 * cls.log_pdet
+        q, offset = _centred(cls, g, w, sigma)
         dtype = torch.float64 if shift is None else self.dtype  # the seed group: float64
         query = torch.zeros(len(w), d, dtype=dtype, device=w.device)
         query[:, :r], query[:, r] = q, 1.0
@@ -548,7 +550,7 @@ class LEMMSE:
             shift[at] = new
         return part
 
-    def _estimate_gemm(self, u, active, sigma, rtol, chunk_size, progress):
+    def _estimate_grouped(self, u, active, sigma, rtol, chunk_size, progress):
         """Estimate and the bound on the skipped weight, class by class (see module doc)."""
         n_values = self.shape[0]
         state = StreamingSoftmax(len(u), device=u.device)
@@ -622,7 +624,7 @@ class LEMMSE:
             return flat.reshape(n, h, w, c).permute(0, 3, 1, 2).to(dtype).contiguous()
 
         if not diagnostics:
-            flat, bound = self._estimate_gemm(u, active, sigma, rtol, chunk_size, progress)
+            flat, bound = self._estimate_grouped(u, active, sigma, rtol, chunk_size, progress)
             return (image(flat), image(bound, torch.float64)) if error_bound else image(flat)
         top = _TopK(len(u), top_k, self.classes, u.device)
         flat, log_norm = self._estimate_blocked(u, active, sigma, chunk_size, progress, top)
