@@ -6,18 +6,22 @@ and ``ffhq`` (a folder of PNG files ``ffhq/<S>x<S>/<index>.png``; index < 60000 
 :func:`load` returns float32 images ``(N, C, H, W)`` in ``[0, 1]``; :func:`load_labels` returns
 int64 labels. Files are looked up with :func:`data_root`'s rules. Missing IDX / CIFAR-10 files
 are downloaded (checked against :data:`REGISTRY` hashes) with ``pooch``; FFHQ is never
-downloaded. Only the files needed for the first ``n`` images are read.
+downloaded. Only the files needed for the first ``n`` images are read. Local files with a
+registry hash are checked once per process and file version; a damaged or unreadable file
+raises :class:`DataFileError`, which names it.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 import pickle
 import shutil
 import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +96,12 @@ SPLITS: tuple[str, ...] = ("train", "test")
 RESIZE_MODES: tuple[str, ...] = ("pad", "interp")
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
 _REPO = Path(__file__).resolve().parents[1]
+_SHA256: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime_ns) -> sha256
+_GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, struct.error)
+
+
+class DataFileError(ValueError):
+    """A local dataset file is damaged or not the official one; the message names it."""
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -191,28 +201,52 @@ def _missing_error(key, missing, roots, target, why: str) -> FileNotFoundError:
     where = spec["url"] if "url" in spec else "no official single-file download"
     return FileNotFoundError(
         f"{spec['title']} files not found: {', '.join(missing)}. "
-        f"Searched: {', '.join(str(r) for r in roots)}. {why}. "
-        f"Put the official files ({where}) under <folder>/{spec['folder']}/ in {target} "
-        "or set LEMMSE_DATA to a folder that holds them."
+        f"Searched: {', '.join(str(r / spec['folder']) for r in roots)}. {why}. "
+        f"Put the official files ({where}) in {target / spec['folder']}, "
+        f"or set LEMMSE_DATA to a folder that holds {spec['folder']}/."
     )
 
 
 def _download(key: str, relpaths: list[str], target: Path) -> None:
-    """Fetch the official files for ``relpaths`` into ``target`` (hash-checked, atomic)."""
+    """Fetch the official files for ``relpaths`` into ``target`` (hash-checked, atomic).
+
+    If it fails, the folders it created are removed again (when empty).
+    """
+    spec = REGISTRY[key]
+    folder = target / spec["folder"]
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if key == "cifar10":
+            _download_cifar(relpaths, target)
+        else:
+            for rel in relpaths:
+                name = Path(rel).name
+                _fetch(spec["url"] + name, target / rel, spec["files"][name])
+    except BaseException:
+        _remove_empty(made)
+        raise
+
+
+def _fetch(url: str, dest: Path, known_hash: str) -> None:
+    """Download ``url`` into a temporary folder beside ``dest``, verify it, then rename it."""
     import pooch
 
-    spec = REGISTRY[key]
-    if key == "cifar10":
-        _download_cifar(relpaths, target)
-        return
-    for rel in relpaths:
-        fname = Path(rel).name
-        pooch.retrieve(
-            spec["url"] + fname,
-            known_hash=spec["files"][fname],
-            fname=fname,
-            path=target / spec["folder"],
-        )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        got = Path(pooch.retrieve(url, known_hash=known_hash, fname=dest.name, path=tmp))
+        _verify(got, known_hash, _sha256(got), f"The download from {url} was damaged.")
+        os.replace(got, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or already gone): keep it
+            pass
 
 
 def _download_cifar(relpaths: list[str], target: Path) -> None:
@@ -220,7 +254,6 @@ def _download_cifar(relpaths: list[str], target: Path) -> None:
     import pooch
 
     spec = REGISTRY["cifar10"]
-    target.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".cifar10-", dir=target))
     try:
         pooch.retrieve(
@@ -280,6 +313,51 @@ def _relpaths(key: str, split: str, n: int | None, kind: str) -> list[str]:
     return [f"{folder}/{prefix}-{suffix}"]
 
 
+# ----------------------------------------------------------------------------- integrity
+
+_REFETCH = "Delete it to download it again, or replace it with the official file."
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _cached_sha256(path: Path) -> str:
+    """sha256 of ``path``, hashed once per (resolved path, size, mtime_ns) and process."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256:
+        _SHA256[key] = _sha256(path)
+    return _SHA256[key]
+
+
+def _verify(path: Path, known_hash: str, actual: str, advice: str) -> None:
+    expected = known_hash.removeprefix("sha256:")
+    if actual != expected:
+        raise DataFileError(
+            f"{path} is not the official file: its sha256 is {actual}, expected {expected}. "
+            + advice
+        )
+
+
+def _check_official(path: Path, key: str) -> None:
+    """Raise :class:`DataFileError` unless ``path`` has its :data:`REGISTRY` hash (if any)."""
+    known = REGISTRY[key]["files"].get(path.name)
+    if known is not None:
+        _verify(path, known, _cached_sha256(path), "It is damaged or altered. " + _REFETCH)
+
+
+def _damaged(path: Path, err: BaseException, advice: str = _REFETCH) -> DataFileError:
+    return DataFileError(
+        f"Cannot read {path} ({type(err).__name__}: {err}); the file is damaged or not in "
+        f"the expected format. {advice}"
+    )
+
+
 # ----------------------------------------------------------------------------- readers
 
 
@@ -289,20 +367,29 @@ def _read_idx(path: Path, n: int | None, item_shape: tuple[int, ...]) -> torch.T
     The header is a big-endian magic ``0x0800 + ndim`` (``0x08`` = uint8) then ``ndim`` sizes.
     """
     ndim = 1 + len(item_shape)
-    with gzip.open(path, "rb") as f:
-        magic = struct.unpack(">I", f.read(4))[0]
-        if magic != 0x800 + ndim:
-            raise ValueError(f"{path}: bad IDX magic {magic:#x}, expected {0x800 + ndim:#x}")
-        dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
-        if dims[1:] != item_shape:
-            raise ValueError(f"{path}: IDX item shape {dims[1:]}, expected {item_shape}")
-        count = dims[0] if n is None else n
-        if count > dims[0]:
-            raise ValueError(f"n={n} but only {dims[0]} items are available in {path}")
-        item = math.prod(item_shape)
-        buf = f.read(count * item)
+    try:
+        with gzip.open(path, "rb") as f:
+            magic = struct.unpack(">I", f.read(4))[0]
+            if magic != 0x800 + ndim:
+                raise DataFileError(
+                    f"{path}: bad IDX magic {magic:#x}, expected {0x800 + ndim:#x}. {_REFETCH}"
+                )
+            dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+            if dims[1:] != item_shape:
+                raise DataFileError(
+                    f"{path}: IDX item shape {dims[1:]}, expected {item_shape}. {_REFETCH}"
+                )
+            count = dims[0] if n is None else n
+            if count > dims[0]:
+                raise ValueError(f"n={n} but only {dims[0]} items are available in {path}")
+            item = math.prod(item_shape)
+            buf = f.read(count * item)
+    except _GZIP_ERRORS as err:
+        raise _damaged(path, err) from err
     if len(buf) != count * item:
-        raise ValueError(f"{path}: truncated IDX file ({len(buf)} bytes for {count} items)")
+        raise DataFileError(
+            f"{path}: truncated IDX file ({len(buf)} bytes for {count} items). {_REFETCH}"
+        )
     return torch.frombuffer(bytearray(buf), dtype=torch.uint8).reshape(count, *item_shape)
 
 
@@ -310,19 +397,41 @@ def _read_cifar(paths: list[Path], n: int | None) -> tuple[torch.Tensor, torch.T
     """Read CIFAR-10 pickle batches in order: uint8 ``(N, 3, 32, 32)`` and int64 labels."""
     images, labels, total = [], [], 0
     for path in paths:
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")  # trusted local files only
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(f"{path}: expected data of shape (N, 3072), got {data.shape}")
-        if len(batch[b"labels"]) != len(data):
-            raise ValueError(f"{path}: {len(data)} images but {len(batch[b'labels'])} labels")
+        data, batch_labels = _read_batch(path)
         images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
-        labels.append(torch.as_tensor(batch[b"labels"], dtype=torch.int64))
+        labels.append(torch.from_numpy(batch_labels))
         total += len(data)
         if n is not None and total >= n:
             break
     return torch.cat(images)[:n], torch.cat(labels)[:n]
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 batch: uint8 data ``(N, 3072)`` and int64 labels ``(N,)`` in 0..9."""
+    with open(path, "rb") as f:
+        try:
+            batch = pickle.load(f, encoding="bytes")  # trusted local files only
+            data = np.asarray(batch[b"data"], dtype=np.uint8)
+            labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        except Exception as err:  # a damaged pickle can raise almost any error
+            raise _damaged(path, err) from err
+        trailing = f.read(1)
+    problem = _batch_problem(data, labels, trailing)
+    if problem:
+        raise DataFileError(f"{path}: {problem}. {_REFETCH}")
+    return data, labels
+
+
+def _batch_problem(data: np.ndarray, labels: np.ndarray, trailing: bytes) -> str | None:
+    if trailing:
+        return "unexpected bytes after the pickled batch"
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        return f"expected data of shape (N, 3072), got {data.shape}"
+    if labels.shape != (len(data),):
+        return f"{len(data)} images but labels of shape {labels.shape}"
+    if len(labels) and not (labels.min() >= 0 and labels.max() <= 9):
+        return f"labels outside 0..9 (min {labels.min()}, max {labels.max()})"
+    return None
 
 
 def _cifar_paths(base: Path, split: str, n: int | None) -> list[Path]:
@@ -344,7 +453,10 @@ def _check_available(key: str, split: str, n: int | None, got: int, where: Path)
 def _load_cifar(split: str, n: int | None, root, download: bool):
     rels = _relpaths("cifar10", split, n, "images")
     base = _locate("cifar10", rels, root, download)
-    images, labels = _read_cifar(_cifar_paths(base, split, n), n)
+    paths = _cifar_paths(base, split, n)
+    for path in paths:
+        _check_official(path, "cifar10")
+    images, labels = _read_cifar(paths, n)
     _check_available("cifar10", split, n, len(images), base / REGISTRY["cifar10"]["folder"])
     return images, labels
 
@@ -353,6 +465,7 @@ def _load_idx(key: str, split: str, n: int | None, root, download: bool, kind: s
     rel = _relpaths(key, split, n, kind)
     base = _locate(key, rel, root, download)
     item_shape = REGISTRY[key]["shape"][1:] if kind == "images" else ()
+    _check_official(base / rel[0], key)
     return _read_idx(base / rel[0], n, item_shape)
 
 
@@ -409,21 +522,29 @@ def _ffhq_source(split: str, size: int | None, n: int | None, root) -> tuple[int
             f"size={size} is larger than every stored FFHQ resolution ({'; '.join(too_small)}); "
             "upsampling is not supported"
         )
+    tops = [base / REGISTRY["ffhq"]["folder"] for base in roots]
     raise FileNotFoundError(
         f"No FFHQ {split} images found (FFHQ is not downloaded automatically). "
-        f"Searched: {', '.join(str(r) for r in roots)}. Put PNG files named <index>.png "
-        "(index < 60000 is train) in <folder>/ffhq/<S>x<S>/ under one of these folders, "
-        "or set LEMMSE_DATA to a folder that holds them."
+        f"Searched: {', '.join(str(t) for t in tops)}. Put PNG files named <index>.png "
+        f"(index < 60000 is train) in {tops[0]}/<S>x<S>/ (S = side in pixels), "
+        "or set LEMMSE_DATA to a folder that holds ffhq/<S>x<S>/."
     )
+
+
+_REPLACE_PNG = "Delete it, or replace it with a valid PNG (FFHQ is not downloaded)."
 
 
 def _read_png(path: Path, side: int) -> torch.Tensor:
     """Read one PNG as uint8 ``(3, side, side)``; grey is replicated and alpha dropped."""
-    with Image.open(path) as img:
-        arr = np.asarray(img.convert("RGB"))
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB"))
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
+        raise _damaged(path, err, _REPLACE_PNG) from err
     if arr.shape != (side, side, 3):
-        raise ValueError(
-            f"{path}: expected {side}x{side} pixels, got {arr.shape[1]}x{arr.shape[0]}"
+        raise DataFileError(
+            f"{path}: expected {side}x{side} pixels, got {arr.shape[1]}x{arr.shape[0]}. "
+            + _REPLACE_PNG
         )
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
@@ -512,6 +633,8 @@ def load(
 
     Raises:
         FileNotFoundError: files missing and not downloadable (message says where to put them).
+        DataFileError: a local file is damaged, unreadable or not the official one (a
+            ValueError; the message names the file and says what to do).
         ValueError: bad argument, or ``n`` larger than the images available.
         TypeError: argument of the wrong type.
     """
@@ -551,4 +674,4 @@ def load_labels(
     return _load_idx(key, split, n, root, download, "labels").long()
 
 
-__all__ = ["DATASETS", "REGISTRY", "data_root", "load", "load_labels"]
+__all__ = ["DATASETS", "REGISTRY", "DataFileError", "data_root", "load", "load_labels"]

@@ -3,6 +3,10 @@
 All are softmax-weighted averages of training images (or of their translates) with
 log-weights ``ℓ = -quadratic / (2σ²)`` (THEORY.md). They are cheap next to the LE-MMSE,
 so their logits are computed in float64 whatever ``dtype``; ``dtype`` sets the output.
+σ is accepted in ``[4 max(R, 1) / sqrt(f.max), 1 / (4 sqrt(f.tiny))]`` for
+``f = torch.finfo(float64)``, i.e. ``[3.0e-154 max(R, 1), 1.7e153]``, with ``R²`` the largest
+quadratic form (checked block by block before the division by ``2σ²``, so that no
+log-weight overflows; :mod:`lemmse_core.checks`).
 
 - :func:`mmse`: Prop. 2.1 / Remark 2.2, ``ℓ_k = -‖P_B (y - A x_k)‖² / (2σ²)``.
 - :func:`augmented_mmse`: Def. 3.4, the MMSE over ``{T_g x_k}``.
@@ -11,9 +15,13 @@ so their logits are computed in float64 whatever ``dtype``; ``dtype`` sets the o
 
 Rank cuts: ``P_B`` and ``(BBᵀ)⁺`` keep the singular values of ``B`` above
 ``max(M, D) · eps(float64)`` times the largest (the default of ``torch.linalg.pinv``; per
-channel ``H W eps`` for circulant ``B``). The support test of the general case accepts
-``‖(I - P) u‖ <= SUPPORT_RTOL ‖u‖`` (``P`` the projector onto ``Im B``); masks use an
-exact pattern test.
+channel ``H W eps`` for circulant ``B``). Support test ``T_g⁻¹v ∈ Im B`` of the E-MMSE:
+none for ``B = I`` or a circulant ``B`` (``Im B`` is shift-invariant), an exact pattern test
+(exact zeros) for a diagonal ``B``; for a general ``B`` the distance ``‖(I - UUᵀ) u‖`` to the
+left singular vectors ``U`` of ``B`` is compared with the bound on its rounding,
+:func:`~lemmse_core.operators.image_rounding` (dimension ``max(M, D)`` as in the rank cut,
+preimage ``‖S⁻¹Uᵀu‖``, data rounding ``eps · sqrt(D) · max|v|``), not a fixed fraction of
+``‖u‖``.
 """
 
 from __future__ import annotations
@@ -23,11 +31,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_dtype, check_problem, check_sigma
-from .operators import LinearMap, transfer_support
+from .checks import (
+    check_bool,
+    check_chunk_size,
+    check_dtype,
+    check_problem,
+    check_quadratic,
+    check_sigma,
+)
+from .operators import LinearMap, image_rounding, transfer_support
 from .streaming import StreamingSoftmax
 
-SUPPORT_RTOL = 1e-6
 DENSE_LIMIT = 8192  # largest dimension for which a general B is handled by dense algebra
 _BUDGET = 256 * 2**20  # bytes of float64 temporaries per block
 
@@ -149,10 +163,13 @@ def mmse(
     """Empirical MMSE ``Σ_k w_k x_k`` (Prop. 2.1, Remark 2.2), ``B=None`` meaning ``B = I``.
 
     Depends on ``B`` only through ``P_B``. With ``diagnostics=True`` returns
-    ``(x_hat, GlobalDiagnostics)``.
+    ``(x_hat, GlobalDiagnostics)``. ``sigma``: in ``[3.0e-154 max(R, 1), 1.7e153]``, ``R``
+    the largest ``‖P_B (y - A x_k)‖`` (module doc); ``chunk_size``: training images per
+    block, a positive int or ``None`` (automatic).
     """
     B = check_problem(y, train, A, B)
     sigma, dtype = check_sigma(sigma), check_dtype(dtype)
+    chunk_size, diagnostics = check_chunk_size(chunk_size), check_bool(diagnostics, "diagnostics")
     proj = measurement_projector(B, tuple(y.shape[1:]))
     keep = proj or (lambda r: r)
     py = keep(y.double()).flatten(1)
@@ -160,7 +177,9 @@ def mmse(
     per_image = 8 * (py.shape[0] + 2 * py.shape[1])  # one row of logits, A x_k and P_B A x_k
     for k0, k1 in _image_chunks(train.shape[0], per_image, chunk_size):
         pax = keep(A.A(train[k0:k1].double())).flatten(1)
-        logits.append(-torch.cdist(py, pax).pow(2) / (2 * sigma**2))
+        dist = torch.cdist(py, pax).pow(2)
+        check_quadratic(dist, sigma)
+        logits.append(-dist / (2 * sigma**2))
     weights = torch.softmax(torch.cat(logits, dim=1), dim=1)
     out = (weights @ train.double().flatten(1)).reshape(y.shape[0], *train.shape[1:])
     diag = GlobalDiagnostics(weights, 1.0 / (weights**2).sum(dim=1))
@@ -181,7 +200,9 @@ def _augmented_logits_fast(y, train_block, A, sigma):
     else:
         norms = A.A(x).pow(2).sum(dim=(1, 2, 3))[None, :, None, None]
     y2 = y.double().pow(2).sum(dim=(1, 2, 3))[:, None, None, None]
-    return -(y2 + norms - 2 * cross) / (2 * sigma**2)
+    quad = y2 + norms - 2 * cross
+    check_quadratic(quad, sigma)
+    return -quad / (2 * sigma**2)
 
 
 def _augmented_logits_dense(y, train_block, A, sigma, proj):
@@ -191,6 +212,7 @@ def _augmented_logits_dense(y, train_block, A, sigma, proj):
     shifted = _all_shifts(train_block.double()).reshape(kc * h * w, *train_block.shape[1:])
     pax = keep(A.A(shifted)).flatten(1)
     dist = torch.cdist(keep(y.double()).flatten(1), pax).pow(2)
+    check_quadratic(dist, sigma)
     return -(dist / (2 * sigma**2)).reshape(n, kc, h, w)
 
 
@@ -209,9 +231,12 @@ def augmented_mmse(
 
     ``ℓ_{g,k} = -‖P_B (y - A T_g x_k)‖² / (2σ²)``; FFT over all shifts when ``P_B = I`` and
     ``A`` is the identity, a convolution or a mask, otherwise every translate is measured.
+    ``sigma``: in ``[3.0e-154 max(R, 1), 1.7e153]``, ``R`` the largest ``‖P_B (y - A T_g
+    x_k)‖`` (module doc); ``chunk_size``: training images per block, or ``None``.
     """
     B = check_problem(y, train, A, B)
     sigma, dtype = check_sigma(sigma), check_dtype(dtype)
+    chunk_size, diagnostics = check_chunk_size(chunk_size), check_bool(diagnostics, "diagnostics")
     proj = measurement_projector(B, tuple(y.shape[1:]))
     fast = proj is None and A.structure in ("identity", "circulant", "diagonal")
     avg = _ShiftSoftmaxAverage(y.shape[0], train)
@@ -253,6 +278,7 @@ class _EquivariantMetric:
             rank = int((s > s.max() * max(matrix.shape) * torch.finfo(s.dtype).eps).sum())
             self.basis = u[:, :rank].to(device)
             self.whiten = (u[:, :rank] / s[:rank]).T.to(device)  # (r, D): (BBᵀ)⁺ = Wᵀ W
+            self.lead, self.dim = float(s[0]), max(matrix.shape)  # for image_rounding
 
     def prepare(self, v: torch.Tensor) -> dict:
         """Per-query quantities that do not depend on the training images."""
@@ -269,8 +295,12 @@ class _EquivariantMetric:
         shifts = _all_shifts(v)  # [:, g] = T_g v, and T_g⁻¹ v = T_{-g} v
         inv = torch.roll(shifts.flip(1, 2), shifts=(1, 1), dims=(1, 2)).reshape(n, h * w, -1)
         resid = inv - (inv @ self.basis) @ self.basis.T
-        bad = resid.norm(dim=2) > SUPPORT_RTOL * v.flatten(1).norm(dim=1)[:, None]
-        return {"white": inv @ self.whiten.T, "bad": bad.reshape(n, h, w)}
+        white = inv @ self.whiten.T  # ‖white‖ = ‖S⁻¹Uᵀu‖, the preimage of u = T_g⁻¹v
+        norm = v.flatten(1).norm(dim=1)[:, None]  # ‖T_g⁻¹v‖ = ‖v‖
+        data = torch.finfo(v.dtype).eps * (c * h * w) ** 0.5 * v.flatten(1).abs().amax(dim=1)
+        bound = image_rounding(self.dim, self.lead, white.norm(dim=2), norm, data[:, None])
+        bad = resid.norm(dim=2) > bound
+        return {"white": white, "bad": bad.reshape(n, h, w)}
 
     def _filter(self, x):
         if self.kind == "identity":
@@ -311,15 +341,20 @@ def e_mmse(
 
     ``f(v) = Σ_{g,k} w_{g,k} T_g x_k`` with ``w_{g,k} ∝ N(T_g⁻¹v; BAx_k, σ² BBᵀ)`` on the
     shifts with ``T_g⁻¹v ∈ Im B``; for ``B = I`` all shifts by FFT cross-correlation.
+    ``sigma``: in ``[3.0e-154 max(R, 1), 1.7e153]``, ``R²`` the largest quadratic form
+    (module doc); ``chunk_size``: training images per block, or ``None``.
     """
     B = check_problem(y, train, A, B)
     sigma, dtype = check_sigma(sigma), check_dtype(dtype)
+    chunk_size, diagnostics = check_chunk_size(chunk_size), check_bool(diagnostics, "diagnostics")
     metric = _EquivariantMetric(B, tuple(y.shape[1:]), tuple(train.shape[1:]), y.device)
     q = metric.prepare(B.A(y.double()))
     avg = _ShiftSoftmaxAverage(y.shape[0], train)
     per_image = 32 * train[0].numel() * (y.shape[0] + 1)
     for k0, k1 in _image_chunks(train.shape[0], per_image, chunk_size):
         z = B.A(A.A(train[k0:k1].double()))
-        avg.add(-metric.quadratic(q, z) / (2 * sigma**2), k0, k1)
+        quad = metric.quadratic(q, z)
+        check_quadratic(quad, sigma, excluded=True)  # inf: shifts off the support
+        avg.add(-quad / (2 * sigma**2), k0, k1)
     out, diag = avg.result()
     return _finish(out, diag, dtype, diagnostics)

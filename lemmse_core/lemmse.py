@@ -12,8 +12,16 @@ of ``torch.linalg.pinv``), and whitening ``W = Λ^{-1/2} Uᵀ`` turns the log-we
 ``ℓ_{n,k}(u) = -‖W u - W Π_n B A x_k‖² / (2σ²) - ½ log pdet G``,
 
 a GEMM between whitened queries and precomputed keys plus a streaming softmax. Rank
-stratification (Prop. B.5): a query ``u`` only uses the classes with ``u ∈ Im G``
-(``‖(I - UUᵀ) u‖ <= support_rtol ‖u‖``) of the smallest rank among those.
+stratification (Prop. B.5): a query ``u`` only uses the classes with ``u ∈ Im G`` of the
+smallest rank among those. Membership is exact where the structure of ``B`` gives the image
+(:meth:`LinearMap.image_support`: identity, diagonal ``B``, e.g. a 0/1 mask): ``u`` must
+vanish exactly where ``Q_n`` does, with no tolerance. Otherwise (super-resolution, general
+``B``) the distance ``‖(I - UUᵀ) u‖`` to the image, ``U`` the left singular vectors of
+``Q_n``, is compared with the bound on its rounding
+(:func:`~lemmse_core.operators.image_rounding`): ``8 (eps · P · (s_1 ‖S⁻¹Uᵀu‖ + ‖u‖) +
+eps(v) · sqrt(P) · max|v|)``, which follows the preimage of ``u`` rather than a fixed
+fraction of ``‖u‖`` (``support_rtol`` adds a relative slack; default 0). One class (``B = I``,
+circulant ``B``) needs no test.
 
 Keys are whitened in float64 and stored in ``dtype``. Each class is split into *groups* of
 at most ``group_size`` nearby keys (recursive bisection at the median of the principal
@@ -43,8 +51,19 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .checks import check_dtype, check_measurement, check_setup, check_sigma
-from .operators import LinearMap
+from .checks import (
+    check_bool,
+    check_dtype,
+    check_int,
+    check_lemmse_options,
+    check_lemmse_sigma,
+    check_measurement,
+    check_real,
+    check_setup,
+    check_sigma,
+    measurement_norm,
+)
+from .operators import LinearMap, image_rounding
 from .patches import check_patch_size, extract_patches, patch_at
 from .streaming import StreamingSoftmax
 
@@ -61,6 +80,12 @@ _SAFE = 1e30  # largest group sum trusted in float32 (overflow at 3.4e38)
 _QUERIES = 8192  # queries per pass over a class (bounds the (queries, groups) bounds)
 MASS_BIN = 0.01  # width in nats of the log-weight histogram used by ``mass_count``
 _MASS_RANGE = 50.0  # weights below exp(-50) of the total share the last bin
+_N_BINS = int(_MASS_RANGE / MASS_BIN) + 1
+_DIAG_QUERIES = 1024  # queries per diagnostics block (bounds the (queries, bins) histogram)
+_DIAG_BLOCK = 1 << 17  # per-term log-weights per block of the diagnostics (cache resident)
+_BISECTIONS = 12  # steps of the search for the histogram's cap (51 nats / 4096)
+_GUESS_BINS = 3  # margin of the guessed cap of the histogram (bins)
+_UNDERFLOW = 700.0  # a float64 group sum that underflowed is below exp(-745) of its shift
 
 
 @dataclass
@@ -101,6 +126,11 @@ class _Class:
     whiten: torch.Tensor  # (r, P) float64
     basis: torch.Tensor  # (P, r) float64, orthonormal basis of Im G
     log_pdet: float
+    # membership u ∈ Im G (see :meth:`admits`): exact coordinates, or a singular basis
+    support: torch.Tensor | None = None  # (P,) bool: Im G = span of these coordinates
+    image: torch.Tensor | None = None  # (P, r) float64 left singular vectors of Q_n
+    singular: torch.Tensor | None = None  # (r,) float64 its singular values s_1 >= ... >= s_r
+    lead: float = 0.0  # s_1, the largest singular value of Q_n
     centre: torch.Tensor | None = None  # (r,) float64 mean of the keys
     keys_ext: torch.Tensor | None = None  # (K, r + 3): [key - μ_g, -½‖key - μ_g‖², log count, 1]
     values_t: torch.Tensor | None = None  # (C + 1, K): [centre pixels, 1], transposed
@@ -112,10 +142,47 @@ class _Class:
     log_mass: torch.Tensor | None = None  # (G,) float64 log of the group's total count
     counts: torch.Tensor | None = None  # (K,) float64 number of identical terms
     source: torch.Tensor | None = None  # (K,) first term index t of each key
+    extent: tuple | None = None  # per group: largest ‖key - μ_g‖, number of keys (diagnostics)
 
     @property
     def rank(self) -> int:
         return self.whiten.shape[0]
+
+    def set_image(self, rows: torch.Tensor, support: torch.Tensor | None) -> None:
+        """Membership data from ``Q_n`` (``rows``, ``(P, M)``) and, where ``B`` gives it
+        (:meth:`LinearMap.image_support`), the patch coordinates ``(P,)`` spanning its image.
+
+        The coordinates are used when their number is the rank (a diagonal ``B`` with
+        entries below the eigenvalue cut is not, and gets the singular basis).
+        """
+        if support is not None and int(support.sum()) == self.rank:
+            self.support = support
+            return
+        u, s, _ = torch.linalg.svd(rows.reshape(rows.shape[0], -1), full_matrices=False)
+        self.image, self.singular = u[:, : self.rank].contiguous(), s[: self.rank]
+        self.lead = float(s[0])
+
+    def admits(self, u: torch.Tensor, rtol: float, rounding) -> torch.Tensor:
+        """``u ∈ Im G`` for each query ``(Q, P)`` (Prop. B.5), ``(Q,)`` bool.
+
+        With a coordinate ``support``: ``u`` vanishes exactly off it (``rtol = 0``), or its
+        part off it is at most ``rtol ‖u‖``. Otherwise the distance ``‖u - UUᵀu‖`` to the
+        singular basis of ``Q_n`` is at most ``rtol ‖u‖`` plus the rounding bound
+        :func:`~lemmse_core.operators.image_rounding`, ``rounding`` being the absolute
+        rounding already in the queries (``(Q,)`` or a number).
+        """
+        if self.support is not None:
+            off = u[:, ~self.support.to(u.device)]
+            if rtol == 0:
+                return ~(off != 0).any(dim=1)
+            return off.norm(dim=1) <= rtol * u.norm(dim=1)
+        image = self.image.to(u.device)
+        coef = u @ image
+        distance = (u - coef @ image.T).norm(dim=1)
+        norm = u.norm(dim=1)
+        preimage = (coef / self.singular.to(u.device)).norm(dim=1)  # ‖S⁻¹Uᵀu‖
+        bound = image_rounding(u.shape[1], self.lead, preimage, norm, rounding)
+        return distance <= rtol * norm + bound
 
     @property
     def keys(self) -> torch.Tensor:
@@ -165,8 +232,9 @@ def _class_labels(B: LinearMap, shape, p: int) -> torch.Tensor:
     return ((i % si) * sj + (j % sj)).reshape(-1)
 
 
-def _patch_gram(B: LinearMap, shape, p: int, location: int) -> torch.Tensor:
-    """``G_n = Π_n B Bᵀ Π_nᵀ`` at one location, from ``P`` impulses (float64)."""
+def _patch_gram(B: LinearMap, shape, p: int, location: int):
+    """``(G_n, rows)`` at one location, from ``P`` impulses (float64): ``G_n = Π_n B Bᵀ Π_nᵀ``
+    and ``rows = Bᵀ Π_nᵀ`` (``(P, C', H', W')``, the rows of ``Q_n = Π_n B``)."""
     c, h, w = shape
     i, j = divmod(location, w)
     size = c * p * p
@@ -176,8 +244,8 @@ def _patch_gram(B: LinearMap, shape, p: int, location: int) -> torch.Tensor:
         ch, rest = divmod(idx, p * p)
         a, b = divmod(rest, p)
         impulses[idx, ch, (i + a - r) % h, (j + b - r) % w] = 1.0
-    bbt = B.A(B.adjoint(impulses))
-    return patch_at(bbt, p, i, j).T  # column idx = G e_idx; symmetric
+    rows = B.adjoint(impulses)
+    return patch_at(B.A(rows), p, i, j).T, rows  # column idx = G e_idx; symmetric
 
 
 def _whitening(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -280,6 +348,14 @@ class LEMMSE:
     ``group_size``: keys per group (the unit of centring and of pruning); ``kernel``:
     ``"fused"`` (PyTorch's CPU flash attention), ``"gemm"`` (GEMM + exp + GEMM, any
     device) or ``"auto"`` (fused on the CPU for patch ranks below 48).
+
+    ``support_rtol``: relative slack of the membership test ``u ∈ Im Q_n`` of the rank
+    stratification (Prop. B.5, module doc). The default 0 is exact: exact zeros for a
+    structured ``B`` (mask), the rounding bound alone otherwise. A positive value also
+    accepts a query whose distance to the image is at most ``support_rtol ‖u‖`` (for a
+    mask: whose entries off the pattern have at most that norm); 1e-6 reproduces the
+    former fixed tolerance, 1e-4 that of the paper's code. It does not matter with one
+    class (``B = I``, circulant ``B``).
     """
 
     def __init__(
@@ -290,7 +366,7 @@ class LEMMSE:
         B: LinearMap | None = None,
         *,
         dtype: torch.dtype = torch.float32,
-        support_rtol: float = 1e-6,
+        support_rtol: float = 0.0,
         group_size: int = 4096,
         kernel: str = "auto",
         progress: bool = False,
@@ -300,15 +376,15 @@ class LEMMSE:
         self.shape = tuple(train.shape[1:])
         self.p = check_patch_size(patch_size, self.shape)
         self.dtype = check_dtype(dtype)
-        self.support_rtol = float(support_rtol)
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-        self.group_size = group_size
+        self.support_rtol = check_real(support_rtol, "support_rtol", 0, 1, high_open=True)
+        self.group_size = check_int(group_size, "group_size", low=1)
         if kernel not in ("auto", "fused", "gemm"):
             raise ValueError(f"kernel must be 'auto', 'fused' or 'gemm', got {kernel!r}")
         if kernel == "fused" and _flash_attention is None:
             raise ValueError("kernel='fused' needs PyTorch's fused CPU attention")
         self.kernel = kernel
+        progress = check_bool(progress, "progress")
+        self._key_norm = measurement_norm(train, A, self.dtype)  # σ range: checks.lemmse_scale
         self.n_train = train.shape[0]
         self.classes = self._build_classes()
         self._build_keys(progress)
@@ -319,12 +395,17 @@ class LEMMSE:
 
     def _build_classes(self) -> list[_Class]:
         labels = _class_labels(self.B, self.shape, self.p)
+        support = self.B.image_support(self.y_shape)  # the coordinates of Im B, if exact
+        if support is not None:
+            support = extract_patches(support[None].double().cpu(), self.p)[0] != 0
         classes = []
         for label in torch.unique(labels):
             locations = torch.nonzero(labels == label).flatten()
-            gram = _patch_gram(self.B, self.shape, self.p, int(locations[0]))
+            gram, rows = _patch_gram(self.B, self.shape, self.p, int(locations[0]))
             whiten, basis, log_pdet = _whitening(gram)
-            classes.append(_Class(locations, whiten, basis, log_pdet))
+            cls = _Class(locations, whiten, basis, log_pdet)
+            cls.set_image(rows, None if support is None else support[locations[0]])
+            classes.append(cls)
         return classes
 
     def _build_keys(self, progress: bool) -> None:
@@ -370,58 +451,28 @@ class LEMMSE:
 
     # ----------------------------------------------------------------------- queries
 
-    def _active(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per query: the stratum rank and the active mask ``(Q, n_classes)`` (Prop. B.5)."""
+    def _active(self, u: torch.Tensor, rounding=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per query: the stratum rank and the active mask ``(Q, n_classes)`` (Prop. B.5).
+
+        Membership by :meth:`_Class.admits` (module doc). ``rounding``: absolute rounding
+        already in the queries, ``(Q,)`` or a number, for the classes without exact
+        structure; default ``eps64 · sqrt(P) · max|u|`` (queries computed in float64).
+        """
         ranks = torch.tensor([c.rank for c in self.classes], device=u.device)
         if len(self.classes) == 1:
             return ranks.expand(u.shape[0]), torch.ones(
                 u.shape[0], 1, dtype=torch.bool, device=u.device
             )
-        norm = u.norm(dim=1)
+        if rounding is None:
+            rounding = _EPS64 * math.sqrt(u.shape[1]) * float(u.abs().max()) if len(u) else 0.0
         admissible = torch.stack(
-            [
-                (u - (u @ c.basis.to(u.device)) @ c.basis.T.to(u.device)).norm(dim=1)
-                <= self.support_rtol * norm
-                for c in self.classes
-            ],
-            dim=1,
+            [c.admits(u, self.support_rtol, rounding) for c in self.classes], dim=1
         )
         if not admissible.any(dim=1).all():
             raise ValueError("a query patch lies in no Im Q_n: v is not a valid B y")
         big = torch.iinfo(ranks.dtype).max
         stratum = torch.where(admissible, ranks, big).min(dim=1).values
         return stratum, admissible & (ranks[None] == stratum[:, None])
-
-    def _queries(self, u, active, sigma):
-        """Per class and key group: ``(rows, cls, k0, k1, q, offset)``.
-
-        ``q``, ``offset``: see :func:`_centred` (``q`` in ``dtype``).
-        """
-        for i, cls in enumerate(self.classes):
-            rows = torch.nonzero(active[:, i]).flatten()
-            if len(rows) == 0:
-                continue
-            whitened = u[rows] @ cls.whiten.T.to(u.device) - cls.centre
-            for g, (k0, k1) in enumerate(cls.bounds):
-                q, offset = _centred(cls, g, whitened, sigma)
-                yield rows, cls, k0, k1, q.to(self.dtype), offset
-
-    def _blocks(self, u, active, sigma, chunk_size, progress):
-        """Yield ``(rows, cls, k0, k1, s, offset)``: log-weights ``s + offset[:, None]`` of
-        the merged keys ``k0:k1`` (log counts included)."""
-        work = list(self._queries(u, active, sigma))
-        bar = tqdm(total=sum(w[3] - w[2] for w in work), disable=not progress)
-        for rows, cls, g0, g1, q, offset in work:
-            for k0 in range(g0, g1, chunk_size or g1 - g0):
-                k1 = min(k0 + (chunk_size or g1 - g0), g1)
-                keys, step = cls.keys_ext[k0:k1], max(1, _BLOCK // (k1 - k0))
-                for q0 in range(0, len(rows), step):
-                    sl = slice(q0, q0 + step)
-                    s = q[sl] @ keys[:, : cls.rank].T / sigma**2
-                    s += keys[:, cls.rank] / sigma**2 + keys[:, cls.rank + 1]
-                    yield rows[sl], cls, k0, k1, s, offset[sl]
-                bar.update(k1 - k0)
-        bar.close()
 
     def _group_sums(self, cls, g, w, sigma, shift, key_block):
         """``Σ_k exp(ℓ(w, k) - shift) [x_k[n], 1]`` over group ``g`` (float64 ``(Q, C+1)``).
@@ -497,10 +548,12 @@ class LEMMSE:
         sums[:, c] = weight.sum(dim=0)
         return sums, top
 
-    def _attend_class(self, cls, w, sigma, rtol, key_block):
+    def _attend_class(self, cls, w, sigma, rtol, key_block, masses=None):
         """Softmax over the keys of one class: ``(out (Q, C), lse, skipped)`` in float64.
 
         ``skipped``: log of the bound on the weight of the groups left out (``-inf`` if none).
+        ``masses`` ``(Q, G)``, if given, receives each group's log-weight (diagnostics); a
+        sum that underflowed is recorded as ``exp(-_UNDERFLOW)`` of the final shift.
         """
         seed = torch.argmin(torch.cdist(w, cls.means), dim=1)
         sums = torch.empty(len(w), cls.values_t.shape[0], dtype=torch.float64, device=w.device)
@@ -508,6 +561,8 @@ class LEMMSE:
         for g in torch.unique(seed).tolist():
             rows = torch.nonzero(seed == g).flatten()
             sums[rows], shift[rows] = self._group_sums(cls, g, w[rows], sigma, None, key_block)
+            if masses is not None:
+                masses[rows, g] = shift[rows] + sums[rows, -1].log()
         needed = torch.ones(len(w), len(cls.bounds), dtype=torch.bool, device=w.device)
         needed[torch.arange(len(w)), seed] = False
         skipped = torch.full_like(shift, -torch.inf)
@@ -532,7 +587,12 @@ class LEMMSE:
                 cls, g, w if dense else w[rows], sigma, shift, rows, sums, key_block
             )
             part[~needed[rows, g]] = 0
+            if masses is not None:
+                kept = needed[rows, g]
+                masses[rows[kept], g] = shift[rows[kept]] + part[kept, -1].log()
             sums[rows] += part  # after the call: it may rescale sums[rows]
+        if masses is not None:
+            torch.maximum(masses, (shift - _UNDERFLOW)[:, None], out=masses)
         return sums[:, :-1] / sums[:, -1:], shift + sums[:, -1].log(), skipped
 
     def _shifted_sums(self, cls, g, w, sigma, shift, rows, sums, key_block):
@@ -550,8 +610,10 @@ class LEMMSE:
             shift[at] = new
         return part
 
-    def _estimate_grouped(self, u, active, sigma, rtol, chunk_size, progress):
-        """Estimate and the bound on the skipped weight, class by class (see module doc)."""
+    def _estimate_grouped(self, u, active, sigma, rtol, chunk_size, progress, records=None):
+        """Estimate, bound on the skipped weight and log-normaliser, class by class (module
+        doc). ``records``, if a list, receives ``(cls, rows, masses)`` per block of queries
+        (the groups' log-weights, see :meth:`_attend_class`)."""
         n_values = self.shape[0]
         state = StreamingSoftmax(len(u), device=u.device)
         acc = torch.zeros(len(u), n_values, dtype=torch.float64, device=u.device)
@@ -565,7 +627,12 @@ class LEMMSE:
         ]
         for cls, rows in tqdm(chunks, desc="LE-MMSE", disable=not progress):
             w = u[rows] @ cls.whiten.T.to(u.device) - cls.centre
-            out, lse, skip = self._attend_class(cls, w, sigma, rtol, key_block)
+            masses = None
+            if records is not None:
+                shape = (len(w), len(cls.bounds))
+                masses = torch.full(shape, torch.inf, dtype=w.dtype, device=w.device)
+                records.append((cls, rows, masses))
+            out, lse, skip = self._attend_class(cls, w, sigma, rtol, key_block, masses)
             new, scale = state.update(lse, rows)
             weight = torch.exp(lse - new)
             acc[rows] = acc[rows] * scale[:, None] + weight[:, None] * out
@@ -573,19 +640,122 @@ class LEMMSE:
             skipped[rows] = torch.logaddexp(skipped[rows], skip)
         log_norm = state.log_normaliser()
         bound = torch.exp(skipped - log_norm)[:, None] * self._value_range
-        return acc / state.sum[:, None], bound
+        return acc / state.sum[:, None], bound, log_norm
 
-    def _estimate_blocked(self, u, active, sigma, chunk_size, progress, top):
-        """Estimate with explicit log-weight blocks (feeds the diagnostics)."""
-        state = StreamingSoftmax(len(u), device=u.device)
-        acc = torch.zeros(len(u), self.shape[0], dtype=torch.float64, device=u.device)
-        for rows, cls, k0, k1, s, offset in self._blocks(u, active, sigma, chunk_size, progress):
-            top.update(rows, cls, k0, s - cls.keys_ext[k0:k1, cls.rank + 1], offset)
-            new, scale = state.update(s.max(dim=1).values.double() + offset, rows)
-            p = torch.exp(s.sub_((new - offset).to(s.dtype)[:, None]))
-            acc[rows] = acc[rows] * scale[:, None] + (p @ cls.values[k0:k1]).double()
-            state.add(p.sum(dim=1), rows)
-        return acc / state.sum[:, None], state.log_normaliser()
+    # ------------------------------------------------------------------- diagnostics
+
+    def _diagnosed(self, u, active, sigma, chunk_size, progress, top, mass):
+        """Estimate, log-normaliser and mass counts (``None`` without ``mass``); fills ``top``.
+
+        One grouped pass (the plain estimate, recording each group's weight), then explicit
+        per-term log-weights only for the groups whose bounds let them matter (THEORY.md
+        items 8, 9): the same values as if every term were listed.
+        """
+        records = []
+        flat, _, log_norm = self._estimate_grouped(
+            u, active, sigma, 0.0, chunk_size, progress, records
+        )
+        if top.k == 0 and mass is None:
+            return flat, log_norm, None
+        classes, top = _by_class(records), top if top.k else None
+        counts = torch.zeros(len(u), dtype=torch.long, device=u.device)
+        blocks = range(0, len(u), _DIAG_QUERIES)
+        for r0 in tqdm(blocks, desc="LE-MMSE diagnostics", disable=not progress):
+            block = torch.arange(r0, min(r0 + _DIAG_QUERIES, len(u)), device=u.device)
+            views = [self._view(cls, rows, m, block, u, sigma) for cls, rows, m in classes]
+            views = [view for view in views if view is not None]
+            hist = None
+            if mass is not None:
+                guess = _mass_guess(views, block, mass, log_norm)
+                hist = _MassHistogram(block, guess, log_norm)
+            for view in views:
+                self._scan_class(view, sigma, top, hist)
+            if hist is not None:
+                counts[block] = self._mass_counts(views, sigma, hist, mass)
+        return flat, log_norm, counts if mass is not None else None
+
+    def _view(self, cls, rows, masses, block, u, sigma):
+        """The queries of ``block`` (ascending) active in ``cls``, whitened, with the bounds
+        of :meth:`_term_bounds`; ``None`` if there are none."""
+        a, b = torch.searchsorted(rows, torch.stack([block[0], block[-1] + 1])).tolist()
+        if a == b:
+            return None
+        w = u[rows[a:b]] @ cls.whiten.T.to(u.device) - cls.centre
+        return _View(cls, rows[a:b], w, masses[a:b], self._term_bounds(cls, w, masses[a:b], sigma))
+
+    def _term_bounds(self, cls, w, masses, sigma):
+        """``(Q, G)`` upper bounds of the per-term log-weights of each group: the group's
+        log-weight (the estimate pass) or its box bound, whichever is smaller, each widened
+        by a bound on the rounding of the ``dtype`` dot products of both passes."""
+        eps = torch.finfo(self.dtype).eps
+        radius, size = _group_extent(cls)
+        scale = (torch.cdist(w, cls.means) + radius).pow(2) / sigma**2
+        slack = 8 * eps * ((cls.rank + 4) * scale + size + cls.rank + 4)
+        box = -_box_gap2(w, cls) / (2 * sigma**2) - 0.5 * cls.log_pdet
+        return torch.minimum(masses + slack, box) + slack
+
+    def _scan_class(self, view, sigma, top, hist):
+        """Explicit terms of one class: the seed group (nearest mean), then the groups whose
+        bound beats the k-th weight so far (it only grows, so a skipped group cannot enter
+        the top k) or reaches the histogram's floor (every term it could keep)."""
+        rows = view.rows
+        done = torch.zeros(view.bound.shape, dtype=torch.bool, device=rows.device)
+        if top is not None:
+            seed = torch.argmin(torch.cdist(view.w, view.cls.means), dim=1)
+            done[torch.arange(len(rows), device=rows.device), seed] = True
+            self._scan(view, done, None if hist is None else done, sigma, top, hist)
+        need_top = need_hist = None
+        if top is not None:
+            need_top = (view.bound > top.values[rows, -1:]) & ~done
+        if hist is not None:
+            need_hist = (view.bound > hist.floor_at(rows)[:, None]) & ~done
+        self._scan(view, need_top, need_hist, sigma, top, hist)
+
+    def _scan(self, view, need_top, need_hist, sigma, top, hist):
+        """Per-term log-weights of the ``(query, group)`` pairs needed by the top-k and the
+        histogram (``(Q, G)`` masks, or ``None``), in blocks of at most ``_BLOCK``."""
+        uses = [(m, sink) for m, sink in ((need_top, top), (need_hist, hist)) if m is not None]
+        if not uses:
+            return
+        cls, need = view.cls, uses[0][0] | uses[-1][0]
+        for g in torch.nonzero(need.any(dim=0)).flatten().tolist():
+            (k0, k1), sel = cls.bounds[g], torch.nonzero(need[:, g]).flatten()
+            step = max(1, _DIAG_BLOCK // (k1 - k0))
+            for q0 in range(0, len(sel), step):
+                part = sel[q0 : q0 + step]
+                s, offset = self._term_logits(cls, g, view.w[part], sigma)
+                for mask, sink in uses:
+                    pick = mask[part, g]
+                    if bool(pick.all()):
+                        sink.update(view.rows[part], cls, k0, s, offset)
+                    elif bool(pick.any()):
+                        sink.update(view.rows[part[pick]], cls, k0, s[pick], offset[pick])
+
+    def _term_logits(self, cls, g, w, sigma):
+        """Per-term log-weights ``s + offset[:, None]`` of group ``g`` (counts left out):
+        ``s`` ``(Q, K_g)`` in ``dtype``, ``offset`` of :func:`_centred`."""
+        (k0, k1), r = cls.bounds[g], cls.rank
+        q, offset = _centred(cls, g, w, sigma)
+        ext = cls.keys_ext[k0:k1]
+        s = torch.addmm(ext[:, r] / sigma**2, (q / sigma**2).to(self.dtype), ext[:, :r].T)
+        return s, offset
+
+    def _mass_counts(self, views, sigma, hist, mass):
+        """Mass counts of a block of queries. Where the guessed cap proved too tight, the
+        histogram is redone up to the cap of :func:`_mass_cap`, then in full."""
+        counts, exact = hist.counts(mass)
+        block, log_norm = hist.rows, hist.log_norm
+        for fallback in (_mass_cap, _full_cap):
+            if bool(exact.all()):
+                break
+            redo = block[~exact]
+            views = [view.select(torch.isin(view.rows, redo)) for view in views]
+            views = [view for view in views if len(view.rows)]
+            hist = _MassHistogram(redo, fallback(views, redo, mass, log_norm), log_norm)
+            for view in views:
+                self._scan_class(view, sigma, None, hist)
+            counts[~exact], exact[~exact] = hist.counts(mass)
+        return counts
 
     def estimate(
         self,
@@ -597,46 +767,52 @@ class LEMMSE:
         chunk_size: int | None = None,
         diagnostics: bool = False,
         mass: float | None = None,
-        top_k: int = 5,
+        top_k: int | None = None,
         progress: bool = False,
     ):
         """LE-MMSE of pre-inverted measurements ``v = B y`` ``(n, C, H, W)``.
 
-        ``rtol > 0`` skips groups of keys holding provably at most ``rtol`` of the weight
-        (module doc); ``error_bound=True`` also returns the guaranteed bound ``(n, C, H, W)``
-        on ``|estimate - exact|`` (zero when nothing is skipped; rounding aside).
-        ``chunk_size``: keys per block (the result does not depend on it). Diagnostics use
-        explicit log-weight blocks and the exact computation.
+        ``rtol`` in ``[0, 1)``: ``rtol > 0`` skips groups of keys holding provably at most
+        ``rtol`` of the weight (module doc); ``error_bound=True`` also returns the guaranteed
+        bound ``(n, C, H, W)`` on ``|estimate - exact|`` (zero when nothing is skipped;
+        rounding aside). ``chunk_size``: keys per block, a positive int or ``None`` (the
+        result does not depend on it). Diagnostics use explicit log-weight blocks and the
+        exact computation; ``mass`` in ``(0, 1]`` and ``top_k >= 0`` (default 5) need them.
+
+        ``sigma`` is accepted in ``[σ_min, σ_max]`` (:func:`~lemmse_core.checks.sigma_range`,
+        ``f = torch.finfo(dtype)``): ``σ_max = 1/(4 sqrt(f.tiny))`` (float32 2.3e18, float64
+        1.7e153), ``σ_min = 4 max(R, 1)/sqrt(f.max)`` (float32 ``2.2e-19 max(R, 1)``, float64
+        ``3.0e-154 max(R, 1)``), and with diagnostics ``σ >= 4 R sqrt(eps64/ln(1/f.tiny))``
+        (float32 ``6.4e-9 R``, float64 ``2.2e-9 R``), where ``R = ‖W‖ max_n ‖Π_n v‖ + 3 max_k
+        ‖A x_k‖`` (:func:`~lemmse_core.checks.lemmse_scale`); outside, a ``ValueError``
+        states the range.
         """
-        sigma = check_sigma(sigma)
-        rtol = _check_rtol(rtol)
-        if mass is not None and not 0 < mass <= 1:
-            raise ValueError(f"mass must be in (0, 1], got {mass!r}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-        if diagnostics and (rtol > 0 or error_bound):
-            raise ValueError("diagnostics are exact: use rtol=0 and error_bound=False with them")
+        rtol, error_bound, chunk_size, diagnostics, mass, top_k, progress = check_lemmse_options(
+            rtol, error_bound, chunk_size, diagnostics, mass, top_k, progress
+        )
+        v = check_measurement(v, self.train, self.shape, "v", f"B y has shape {self.shape}")
+        sigma = check_lemmse_sigma(self, v, sigma, diagnostics)
         n, (c, h, w) = v.shape[0], self.shape
         u = extract_patches(v.double(), self.p).reshape(n * h * w, -1)
-        stratum, active = self._active(u)
+        stratum, active = self._active(u, _query_rounding(v, self.p))
 
         def image(flat, dtype=self.dtype):
             return flat.reshape(n, h, w, c).permute(0, 3, 1, 2).to(dtype).contiguous()
 
         if not diagnostics:
-            flat, bound = self._estimate_grouped(u, active, sigma, rtol, chunk_size, progress)
+            flat, bound, _ = self._estimate_grouped(u, active, sigma, rtol, chunk_size, progress)
             return (image(flat), image(bound, torch.float64)) if error_bound else image(flat)
         top = _TopK(len(u), top_k, self.classes, u.device)
-        flat, log_norm = self._estimate_blocked(u, active, sigma, chunk_size, progress, top)
+        flat, log_norm, mass_count = self._diagnosed(
+            u, active, sigma, chunk_size, progress, top, mass
+        )
         log_density = (
             log_norm
             - 0.5 * stratum.double() * math.log(2 * math.pi * sigma**2)
             - math.log(self.n_train * h * w)
         )
         weights, counts, sources, location = top.result(log_norm, self.n_train, w)
-        mass_count = None
-        if mass is not None:
-            mass_count = self._mass_count(u, active, sigma, log_norm, mass, chunk_size)
+        if mass_count is not None:
             mass_count = mass_count.reshape(n, h, w)
         diag = PatchDiagnostics(
             log_density.reshape(n, h, w),
@@ -649,32 +825,145 @@ class LEMMSE:
         )
         return image(flat), diag
 
-    def _mass_count(self, u, active, sigma, log_norm, mass, chunk_size) -> torch.Tensor:
-        """Number of terms holding ``mass`` of the weight, from a log-weight histogram."""
-        n_bins = int(_MASS_RANGE / MASS_BIN) + 1
-        hist_mass = torch.zeros(len(u) * n_bins, dtype=torch.float64, device=u.device)
-        hist_count = torch.zeros_like(hist_mass)
-        for rows, cls, k0, k1, s, offset in self._blocks(u, active, sigma, chunk_size, False):
-            log_w = s.double() + (offset - log_norm[rows])[:, None]  # merged keys
-            counts = cls.counts[k0:k1].expand_as(log_w)
-            bins = (-(log_w - counts.log()) / MASS_BIN).floor().clamp(0, n_bins - 1).long()
-            index = (rows[:, None] * n_bins + bins).flatten()
-            hist_mass.index_add_(0, index, log_w.exp().flatten())
-            hist_count.index_add_(0, index, counts.flatten())
-        return _count_from_histogram(
-            hist_mass.reshape(len(u), n_bins), hist_count.reshape(len(u), n_bins), mass
-        )
-
     def __call__(self, y: torch.Tensor, sigma: float, **kwargs):
         """LE-MMSE of measurements ``y`` (see :meth:`estimate` for the keywords)."""
         y = check_measurement(y, self.train, self.y_shape)
         return self.estimate(self.B.A(y.double()), sigma, **kwargs)
 
 
-def _check_rtol(rtol) -> float:
-    if isinstance(rtol, bool) or not isinstance(rtol, int | float) or not 0 <= rtol < 1:
-        raise ValueError(f"rtol must be a float in [0, 1), got {rtol!r}")
-    return float(rtol)
+def _query_rounding(v: torch.Tensor, p: int) -> torch.Tensor:
+    """Per query patch of ``v (n, C, H, W)``: ``eps(v.dtype) · sqrt(P) · max|v|`` over its
+    image, the size of the rounding errors of ``v = B y`` computed in ``v``'s precision (by
+    FFT for a circulant or downsampling ``B``) on a patch of ``P = C p²`` entries."""
+    n, c, h, w = v.shape
+    scale = v.detach().abs().flatten(1).amax(dim=1).double() if v.numel() else v.new_zeros(n)
+    scale = torch.finfo(v.dtype).eps * math.sqrt(c * p * p) * scale
+    return scale.repeat_interleave(h * w)
+
+
+def _by_class(records):
+    """``[(cls, rows, masses)]`` per class from the estimate's blocks (rows ascending)."""
+    parts = {}
+    for cls, rows, masses in records:
+        parts.setdefault(id(cls), (cls, [], []))
+        parts[id(cls)][1].append(rows)
+        parts[id(cls)][2].append(masses)
+    return [(cls, torch.cat(rows), torch.cat(masses)) for cls, rows, masses in parts.values()]
+
+
+def _group_extent(cls):
+    """Per group: the largest ``‖key - μ_g‖`` and the number of keys (float64, cached)."""
+    if cls.extent is None:
+        half = cls.keys_ext[:, cls.rank].double()  # -½‖key - μ_g‖²
+        radius = [(-2 * half[k0:k1].min()).clamp(min=0).sqrt() for k0, k1 in cls.bounds]
+        size = [k1 - k0 for k0, k1 in cls.bounds]
+        cls.extent = torch.stack(radius), torch.tensor(size).to(half)
+    return cls.extent
+
+
+@dataclass
+class _View:
+    """Queries of one block active in one class: global ``rows``, whitened ``w``, the
+    groups' log-weights ``masses`` and per-term bounds ``bound`` ``(Q, G)``."""
+
+    cls: _Class
+    rows: torch.Tensor
+    w: torch.Tensor
+    masses: torch.Tensor
+    bound: torch.Tensor
+
+    def select(self, keep: torch.Tensor) -> _View:
+        return _View(self.cls, self.rows[keep], self.w[keep], self.masses[keep], self.bound[keep])
+
+
+class _MassHistogram:
+    """Per query of ``rows`` (ascending): the log-weight histogram of ``mass_count`` (bins of
+    ``MASS_BIN`` nats of the per-term weight relative to the total; mass and count), exact
+    only up to bin ``cap`` (lighter terms are dropped; a last column collects stray ones),
+    which is all the count reads where the bins up to ``cap`` hold the mass."""
+
+    def __init__(self, rows, cap, log_norm):
+        self.rows, self.cap, self.log_norm = rows, cap, log_norm
+        self.width = min(int(cap.max()) + 2, _N_BINS) if len(cap) else 1
+        self.bins = torch.zeros(len(rows), self.width, 2, dtype=torch.float64, device=rows.device)
+        # relative log-weight a term must exceed to land in a bin <= cap (the last: all)
+        self.floor = torch.where(cap < _N_BINS - 1, -(cap + 1) * MASS_BIN, -torch.inf)
+
+    def floor_at(self, rows):
+        """Absolute per-term log-weight a term of ``rows`` must exceed to be needed."""
+        return self.floor[torch.searchsorted(self.rows, rows)] + self.log_norm[rows]
+
+    def update(self, rows, cls, k0, s, offset):
+        """Terms ``s + offset[:, None]`` (``(Q, K)``, ``s`` in ``dtype``) of keys ``k0:``."""
+        slot = torch.searchsorted(self.rows, rows)
+        rel = offset - self.log_norm[rows]  # log-weight relative to the total: s + rel
+        floor = self.floor[slot]
+        thr = floor - rel  # kept: s > thr, loosened by the rounding of thr and of its cast
+        thr -= 4 * torch.finfo(s.dtype).eps * thr.abs() + 64 * _EPS64 * (floor.abs() + rel.abs())
+        qi, ki = torch.nonzero(s > thr.to(s.dtype)[:, None], as_tuple=True)
+        log_w = s[qi, ki].double().add_(rel[qi])
+        index = torch.div(log_w, -MASS_BIN).floor_().clamp_(0, self.width - 1).long()
+        index += (slot * self.width)[qi]
+        terms = torch.ones(len(qi), 2, dtype=torch.float64, device=s.device)
+        counts = cls.counts[k0 : k0 + s.shape[1]]
+        if bool((counts == 1).all()):
+            terms[:, 0] = log_w.exp_()
+        else:
+            terms[:, 1] = counts[ki]
+            terms[:, 0] = log_w.exp_().mul_(terms[:, 1])
+        self.bins.view(-1, 2).index_add_(0, index, terms)
+
+    def counts(self, mass: float):
+        """``(mass counts, exact)``: exact where the bins up to ``cap`` hold ``mass``."""
+        counts = _count_from_histogram(self.bins[..., 0], self.bins[..., 1], mass)
+        cap = self.cap.clamp(max=self.width - 1)[:, None]
+        held = self.bins[..., 0].cumsum(dim=1).gather(1, cap)[:, 0]
+        return counts, (held >= mass * (1 - 1e-12)) | (self.cap == _N_BINS - 1)
+
+
+def _mass_guess(views, rows, mass, log_norm):
+    """A cap for the histogram of each query of ``rows``: the bin (plus ``_GUESS_BINS``) of
+    the mean per-term weight of the group where the groups, by decreasing mean, reach
+    ``mass`` of each class's weight (checked afterwards, see :meth:`LEMMSE._mass_counts`)."""
+    guess = torch.zeros(len(rows), dtype=torch.long, device=rows.device)
+    for view in views:
+        log_w = view.masses - log_norm[view.rows, None]
+        mean, order = (log_w - view.cls.log_mass).sort(dim=1, descending=True)
+        cum = log_w.exp().gather(1, order).cumsum(dim=1)
+        at = (cum < mass * cum[:, -1:]).sum(dim=1, keepdim=True).clamp_(max=cum.shape[1] - 1)
+        bins = (-mean.gather(1, at)[:, 0] / MASS_BIN).floor().long() + _GUESS_BINS
+        slot = torch.searchsorted(rows, view.rows)
+        guess[slot] = torch.maximum(guess[slot], bins)
+    return guess.clamp_(0, _N_BINS - 1)
+
+
+def _full_cap(views, rows, mass, log_norm):
+    """The last bin for every query: the whole histogram."""
+    return torch.full_like(rows, _N_BINS - 1)
+
+
+def _mass_cap(views, rows, mass, log_norm):
+    """Per query of ``rows``: a bin ``cap`` such that the terms in bins ``<= cap`` provably
+    hold ``(1 + mass)/2 >= mass`` of the weight (the last bin where none is found).
+
+    Bisection in ``log t`` of ``Σ_g max(0, W_g - C_g t)`` (group weights ``W_g``, relative,
+    and counts ``C_g``), a lower bound on the weight of the terms of weight ``>= t``.
+    """
+    target = (1 + mass) / 2
+    parts = [
+        (torch.searchsorted(rows, v.rows), torch.exp(v.masses - log_norm[v.rows, None]))
+        for v in views
+    ]
+    lo = torch.full((len(rows),), -_MASS_RANGE - 2 * MASS_BIN, dtype=torch.float64)
+    lo, hi = lo.to(rows.device), torch.zeros_like(lo, device=rows.device)
+    for _ in range(_BISECTIONS):
+        mid, held = (lo + hi) / 2, torch.zeros_like(lo)
+        for (slot, weight), view in zip(parts, views, strict=True):
+            count = view.cls.log_mass.exp()
+            held.index_add_(0, slot, (weight - count * mid[slot, None].exp()).clamp_(min=0).sum(1))
+        ok = held >= target
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    return (-lo / MASS_BIN).floor().long().clamp_(max=_N_BINS - 1)
 
 
 def _count_from_histogram(hist_mass, hist_count, mass: float) -> torch.Tensor:
@@ -704,7 +993,10 @@ class _TopK:
     def update(self, rows, cls, k0, s, offset):
         if self.k == 0:
             return
-        vals, idx = s.topk(min(self.k, s.shape[1]), dim=1)
+        if self.k == 1:  # the common case: a max is cheaper than a top-k
+            vals, idx = s.max(dim=1, keepdim=True)
+        else:
+            vals, idx = s.topk(min(self.k, s.shape[1]), dim=1)
         vals = torch.cat([self.values[rows], vals.double() + offset[:, None]], dim=1)
         ids = idx + k0 + self.starts[self.index[id(cls)]]
         ids = torch.cat([self.ids[rows], ids], dim=1)
@@ -741,16 +1033,21 @@ def le_mmse(
     chunk_size: int | None = None,
     diagnostics: bool = False,
     mass: float | None = None,
-    top_k: int = 5,
+    top_k: int | None = None,
     progress: bool = False,
 ):
     """LE-MMSE estimate (Thm. 3.8, Prop. B.5) of ``y`` with patches of odd ``patch_size``.
 
     ``rtol``: certified pruning (see :meth:`LEMMSE.estimate`); ``chunk_size`` keys per
     block (the result does not depend on it); ``diagnostics=True`` returns
-    ``(x_hat, PatchDiagnostics)``; ``mass=q`` adds the mass count (a second pass).
+    ``(x_hat, PatchDiagnostics)``; ``mass=q`` adds the mass count (a second pass), ``top_k``
+    the number of heaviest terms (default 5). The accepted σ range is that of
+    :meth:`LEMMSE.estimate`; the options and the data-independent part of the range are
+    checked before the engine is built.
     For several ``y`` or σ with the same data, build one :class:`LEMMSE` and call it.
     """
+    check_sigma(sigma, dtype=check_dtype(dtype))
+    check_lemmse_options(rtol, False, chunk_size, diagnostics, mass, top_k, progress)
     engine = LEMMSE(train, A, patch_size, B, dtype=dtype, progress=progress)
     return engine(
         y,
@@ -779,9 +1076,10 @@ def smoothed_le_mmse(
     chunk_size: int | None = None,
 ):
     """Smoothed LE-MMSE ``E_z f(v + eps z)`` (Sec. 4.4) by Monte Carlo over ``samples`` z."""
+    check_sigma(sigma, dtype=check_dtype(dtype))  # the rest of its range: by estimate
     eps = check_sigma(eps, "eps")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    samples = check_int(samples, "samples", low=1)
+    check_lemmse_options(chunk_size=chunk_size)
     engine = LEMMSE(train, A, patch_size, B, dtype=dtype)
     v = engine.B.A(check_measurement(y, train, engine.y_shape).double())
     total = torch.zeros_like(v)

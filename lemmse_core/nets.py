@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_bool, check_int, check_noise_levels, check_real, check_tensor
+
 NETS = ("unet", "resnet", "patchmlp")
 PRESETS = ("tiny", "small", "paper")
 PATCH_SIZES = (5, 7, 9, 11)
@@ -81,8 +83,7 @@ def _check_preset(size) -> str:
 
 
 def _check_patch_size(patch_size) -> int:
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int):
-        raise TypeError(f"patch_size must be an int, got {type(patch_size).__name__}")
+    patch_size = check_int(patch_size, "patch_size")  # Python or NumPy int, not bool
     if patch_size < 3 or patch_size % 2 == 0:
         raise ValueError(f"patch_size must be an odd int >= 3, got {patch_size}")
     return patch_size
@@ -151,7 +152,12 @@ class LocalDenoiser(nn.Module):
         raise NotImplementedError
 
     def _sigma(self, v: torch.Tensor, sigma) -> torch.Tensor:
+        """σ as an ``(n,)`` tensor; noise levels must be finite and >= 0."""
         n = v.shape[0]
+        if isinstance(sigma, torch.Tensor):
+            check_noise_levels(sigma)  # one reduction
+        else:
+            sigma = check_real(sigma, "sigma", 0)
         sigma = torch.as_tensor(sigma, dtype=v.dtype, device=v.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(n)
@@ -162,6 +168,9 @@ class LocalDenoiser(nn.Module):
         return sigma
 
     def forward(self, v: torch.Tensor, sigma) -> torch.Tensor:
+        check_tensor(v, "v")
+        if not v.is_floating_point():
+            raise TypeError(f"v must be a real floating-point tensor, got {v.dtype}")
         if v.ndim != 4 or v.shape[1] != self.channels:
             raise ValueError(f"v must have shape (n, {self.channels}, H, W), got {tuple(v.shape)}")
         sigma = self._sigma(v, sigma)
@@ -255,9 +264,13 @@ class UNet2D(LocalDenoiser):
         precondition: bool = True,
     ):
         super().__init__()
-        self.patch_size = _check_patch_size(patch_size)
-        self.channels, self.precondition = channels, precondition
-        widths = tuple(int(c) for c in block_out_channels)
+        self.patch_size = patch_size = _check_patch_size(patch_size)
+        self.channels = channels = check_int(channels, "channels", low=1)
+        self.precondition = check_bool(precondition, "precondition")
+        widths = tuple(check_int(c, "block_out_channels entry", low=1) for c in block_out_channels)
+        if not widths:
+            raise ValueError("block_out_channels must hold at least one width")
+        layers_per_block = check_int(layers_per_block, "layers_per_block", low=1)
         c0, levels = widths[0], len(widths)
         emb_dim = 4 * c0
         self.embedding = SigmaEmbedding(c0, emb_dim)
@@ -333,8 +346,10 @@ class ResNet(LocalDenoiser):
         precondition: bool = True,
     ):
         super().__init__()
-        self.patch_size = _check_patch_size(patch_size)
-        self.channels, self.precondition = channels, precondition
+        self.patch_size = patch_size = _check_patch_size(patch_size)
+        self.channels = channels = check_int(channels, "channels", low=1)
+        self.precondition = check_bool(precondition, "precondition")
+        width, blocks = check_int(width, "width", low=1), check_int(blocks, "blocks", low=0)
         radii = _radii((patch_size - 1) // 2, 1 + blocks)
         emb_dim = width
         self.embedding = SigmaEmbedding(width, emb_dim)
@@ -390,8 +405,11 @@ class PatchMLP(LocalDenoiser):
         precondition: bool = True,
     ):
         super().__init__()
-        self.patch_size = _check_patch_size(patch_size)
-        self.channels, self.precondition = channels, precondition
+        self.patch_size = patch_size = _check_patch_size(patch_size)
+        self.channels = channels = check_int(channels, "channels", low=1)
+        self.precondition = check_bool(precondition, "precondition")
+        width, hidden = check_int(width, "width", low=1), check_int(hidden, "hidden", low=1)
+        blocks = check_int(blocks, "blocks", low=0)
         emb_dim = width
         self.embedding = SigmaEmbedding(width, emb_dim)
         self.patch = _conv(channels, width, patch_size)

@@ -3,11 +3,12 @@
 import torch
 import torch.nn.functional as F
 
+from .checks import check_int
+
 
 def check_patch_size(patch_size, shape) -> int:
     """Validate an odd patch size no larger than the image ``shape = (C, H, W)``."""
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int):
-        raise TypeError(f"patch_size must be an int, got {type(patch_size).__name__}")
+    patch_size = check_int(patch_size, "patch_size")  # Python or NumPy int, not bool
     if patch_size < 1 or patch_size % 2 == 0:
         raise ValueError(f"patch_size must be a positive odd int, got {patch_size}")
     if patch_size > min(shape[-2:]):

@@ -50,8 +50,19 @@ _QUICK = {
         "mass_test": 1,
     },
     "degenerate": {"mc_samples": 200000, "posterior_draws": 20000},
+    # Smoothed LE-MMSE (σ and images of the grid's evaluation) and mass maps.
+    "smoothing": {
+        "sigmas": (0.1, 0.3, 0.7),
+        "eps_ratios": (0.5, 1.0),
+        "samples": 3,
+        "images": 1,
+        "mass_train": 100,
+        "mass_sigmas": (0.01, 0.05, 0.2),
+    },
     # The networks and their evaluation: lemmse_core.experiments.grid(profile).
     "cnn": {"check_images": 16},
+    # Patch size and dataset size: the runs are ex.grid(study="patch_size" / "dataset_size").
+    "sizes": {"shown_sigmas": (0.1, 0.7), "low_sigma": 0.2},
 }
 _PAPER = {
     "tour": {"n_train": 10000, "patch_size": 5},
@@ -95,7 +106,16 @@ _PAPER = {
         "mass_test": 4,
     },
     "degenerate": {"mc_samples": 2000000, "posterior_draws": 200000},
+    "smoothing": {
+        "sigmas": (0.05, 0.1, 0.3, 0.7),
+        "eps_ratios": (0.25, 0.5, 1.0),
+        "samples": 32,
+        "images": 8,
+        "mass_train": 1000,
+        "mass_sigmas": (0.01, 0.05, 0.2, 0.5),
+    },
     "cnn": {"check_images": 128},
+    "sizes": {"shown_sigmas": (0.1, 0.7), "low_sigma": 0.2},
 }
 
 

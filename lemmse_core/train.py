@@ -16,6 +16,14 @@ history, training seconds, config; written atomically every ``checkpoint_every``
 at the end) and a ``done`` marker. :func:`fit` loads a finished run instead of training it
 again, and resumes an unfinished one from its last checkpoint. Checkpoints hold only
 tensors and plain containers and are loaded with ``torch.load(..., weights_only=True)``.
+
+Nothing silent: a checkpoint stores a SHA-256 of its values (``"checksum"``), verified on
+load with its keys and the finiteness of every value; a damaged, truncated or foreign file
+raises :class:`CheckpointError`, naming the file and what to delete. Checkpoints written
+before checksums existed are loaded unverified (only keys and finiteness are checked).
+A non-finite loss or state stops training with :class:`FloatingPointError` before anything
+of it is saved. Temporaries ``.<file>.<pid>.tmp`` left by killed processes are deleted when
+a run starts (runs take no lock: those of live processes are kept).
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import hashlib
 import json
 import math
 import os
+import pickle
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import nets, operators, runtime
+from . import checks, nets, operators, runtime
 from .data import load
 
 # Bump when a change of the networks or of the training loop makes old runs stale.
@@ -43,6 +53,13 @@ VERSION = 3
 CHECKPOINT = "checkpoint.pt"
 DONE = "done"
 CONFIG = "config.json"
+_CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "history", "seconds", "config", "version")
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.tmp")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint (or cached result) that cannot be trusted; the message names the file
+    and what to delete."""
 
 
 @dataclass(frozen=True)
@@ -78,25 +95,34 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        nets._check_name(self.net)
-        nets._check_preset(self.preset)
+        _check_choice("net", self.net, nets.NETS)
+        _check_choice("preset", self.preset, nets.PRESETS)
         nets._check_patch_size(self.patch_size)
-        positive_ints = ("channels", "n_train", "steps", "batch_size")
+        if not isinstance(self.dataset, str):
+            raise TypeError(f"dataset must be a str, got {self.dataset!r}")
+        if not self.dataset:
+            raise ValueError("dataset must be a non-empty str, got ''")
+        for name in ("channels", "n_train", "steps", "batch_size"):
+            _check_int(name, getattr(self, name), 1)
         if self.size is not None:
-            positive_ints += ("size",)
-        for name in positive_ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(self.warmup, int) or not 0 <= self.warmup < self.steps:
-            raise ValueError(f"warmup must be an int in [0, steps), got {self.warmup!r}")
-        if not 0 < self.lr_floor <= self.lr:
-            raise ValueError(f"need 0 < lr_floor <= lr, got {self.lr_floor!r}, {self.lr!r}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        if not self.grad_clip > 0 or not self.sigma_max > 0:
-            raise ValueError("grad_clip and sigma_max must be > 0")
-        parse_operator(self.operator)  # validates the spec
+            _check_int("size", self.size, 1)
+        _check_int("warmup", self.warmup, 0, self.steps)
+        _check_int("seed", self.seed, 0, 2**20)  # _seed() stays below 2**63
+        parse_operator(self.operator)  # validates the spec and its value
+        self._check_preinverse()
+        _check_real("lr", self.lr, lambda v: v > 0, "> 0")
+        _check_real("lr_floor", self.lr_floor, lambda v: 0 < v <= self.lr, "in (0, lr]")
+        _check_real("weight_decay", self.weight_decay, lambda v: v >= 0, ">= 0")
+        _check_real("ema_decay", self.ema_decay, lambda v: 0 <= v < 1, "in [0, 1)")
+        _check_real("grad_clip", self.grad_clip, lambda v: v > 0, "> 0")
+        _check_real("sigma_max", self.sigma_max, lambda v: v > 0, "> 0")
+
+    def _check_preinverse(self) -> None:
+        _check_choice("preinverse", self.preinverse, operators.PREINVERSES)
+        if self.preinverse == "tikhonov":
+            _check_real("lam", self.lam, lambda v: v > 0, "> 0 (with preinverse='tikhonov')")
+        elif self.lam is not None:
+            raise ValueError(f"lam is used with preinverse='tikhonov' only, got {self.lam!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -104,6 +130,28 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         return cls(**values)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> None:
+    """An int in ``[low, high)`` (``high=None``: no bound)."""
+    expected = f"an int >= {low}" if high is None else f"an int in [{low}, {high})"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    if value < low or (high is not None and value >= high):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _check_real(name: str, value, ok: Callable[[float], bool], expected: str) -> None:
+    """A finite int or float for which ``ok`` holds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a finite number {expected}, got {value!r}")
+    if not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"{name} must be a finite number {expected}, got {value!r}")
 
 
 @dataclass
@@ -126,16 +174,34 @@ class TrainedRun:
 # ----------------------------------------------------------------------------- pieces
 
 
+# The value of each operator kind: its name, the test it must pass, what is expected.
+_OPERATOR_VALUES = {
+    "inpainting_center": ("box", lambda v: v >= 1 and v == int(v), "an int >= 1"),
+    "inpainting_random": ("fraction", lambda v: 0 < v < 1, "in (0, 1)"),
+    "blur_gaussian": ("std", lambda v: v > 0, "> 0"),
+    "blur_defocus": ("radius", lambda v: v > 0, "> 0"),
+}
+
+
 def parse_operator(spec: str) -> tuple[str, float | None]:
-    """``"kind:value"`` -> ``(kind, value)``; checks the kind."""
-    kinds = ("denoising", "inpainting_center", "inpainting_random", "blur_gaussian", "blur_defocus")
+    """``"kind:value"`` -> ``(kind, value)``; checks the kind and the value."""
+    kinds = ("denoising", *_OPERATOR_VALUES)
     kind, _, value = str(spec).partition(":")
-    if kind not in kinds or (kind == "denoising") != (value == ""):
+    if not isinstance(spec, str) or kind not in kinds or (kind == "denoising") != (value == ""):
         raise ValueError(
             f"operator must be 'denoising' or '<kind>:<value>' with kind in {kinds[1:]}, "
             f"got {spec!r}"
         )
-    return kind, (float(value) if value else None)
+    if kind == "denoising":
+        return kind, None
+    name, ok, expected = _OPERATOR_VALUES[kind]
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and ok(number)):
+        raise ValueError(f"operator {spec!r}: the {name} must be {expected}, got {value!r}")
+    return kind, number
 
 
 def build_operators(config: TrainConfig, shape) -> tuple:
@@ -217,6 +283,114 @@ def _atomic_save(obj, path: Path) -> None:
             tmp.unlink()
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (True where that cannot be told)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True
+    return True
+
+
+def _remove_stale_temporaries(folder: Path, name: str = "*") -> None:
+    """Delete the ``.<name>.<pid>.tmp`` files in ``folder`` of processes that are gone."""
+    for tmp in folder.glob(f".{name}.*.tmp"):
+        match = _TEMPORARY.fullmatch(tmp.name)
+        if match and not _pid_alive(int(match["pid"])):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def _hash_into(h, obj) -> None:
+    """Feed ``obj`` to ``h``: tensors by dtype, shape and bytes, containers item by item,
+    anything else by type and ``repr``."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for key, value in obj.items():
+            _hash_into(h, key)
+            _hash_into(h, value)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for value in obj:
+            _hash_into(h, value)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def _digest(obj) -> str:
+    """``"sha256:<hex>"`` of the values of ``obj`` (see :func:`_hash_into`)."""
+    h = hashlib.sha256()
+    _hash_into(h, obj)
+    return f"sha256:{h.hexdigest()}"
+
+
+def _finite(obj) -> bool:
+    """Whether every float and floating tensor in ``obj`` (nested containers) is finite."""
+    if isinstance(obj, torch.Tensor):
+        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+    if isinstance(obj, float):
+        return math.isfinite(obj)
+    if isinstance(obj, dict):
+        return all(_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(_finite(v) for v in obj)
+    return True
+
+
+def _save_state(state: dict, path: Path) -> None:
+    """Write ``state`` atomically with its checksum, for :func:`_load_state`."""
+    _atomic_save({**state, "checksum": _digest(state)}, path)
+
+
+def _load_state(path: Path, keys, remedy: str, device=None) -> dict:
+    """The dict of ``keys`` that :func:`_save_state` wrote at ``path``, verified: readable,
+    these keys, its checksum (files written before checksums have none: accepted
+    unverified) and finite values; else :class:`CheckpointError` ending with ``remedy``."""
+
+    def error(reason: str) -> CheckpointError:
+        return CheckpointError(f"{path} {reason}; {remedy}")
+
+    if path.is_file() and path.stat().st_size == 0:
+        raise error("is empty")
+    try:
+        state = torch.load(path, map_location=device or "cpu", weights_only=True)
+    except OSError:
+        raise
+    except pickle.UnpicklingError as err:  # torch's text advises weights_only=False: no
+        raise error("is not a checkpoint of tensors and plain containers") from err
+    except Exception as err:
+        raise error(f"cannot be read ({_reason(err)})") from err
+    if not isinstance(state, dict):
+        raise error(f"holds a {type(state).__name__}, not a dict of {sorted(keys)}")
+    checksum = state.pop("checksum", None)
+    if set(state) != set(keys):
+        raise error(f"has the keys {sorted(map(str, state))}, expected {sorted(keys)}")
+    if checksum is not None and checksum != _digest(state):
+        raise error("does not match its checksum: it was damaged")
+    if not _finite(state):
+        raise error("holds NaN or infinite values")
+    return state
+
+
+def _reason(err: Exception, limit: int = 200) -> str:
+    """``err`` on one line, cut at ``limit`` characters."""
+    text = " ".join(str(err).split())
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _restart(path: Path) -> str:
+    return f"delete it (or the run folder {path.parent}) to train the run again from step 0"
+
+
 def _atomic_write_text(text: str, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -249,8 +423,34 @@ def _build(config: TrainConfig, device) -> nn.Module:
 
 
 def load_checkpoint(path: Path, device=None) -> dict:
-    """The checkpoint dict at ``path`` (``weights_only=True``)."""
-    return torch.load(path, map_location=device or "cpu", weights_only=True)
+    """The checkpoint dict at ``path`` (``weights_only=True``), verified (its checksum,
+    keys and finite values); raises :class:`CheckpointError`."""
+    path = Path(path)
+    return _load_state(path, _CHECKPOINT_KEYS, _restart(path), device)
+
+
+def _restore(path: Path, state: dict, config, modules) -> tuple[int, list, float]:
+    """Load ``state`` into ``modules`` (model, EMA, optimizer); its step, history, seconds."""
+    step, history = state["step"], list(state["history"])
+    try:
+        for module, key in zip(modules, ("model", "ema", "optimizer"), strict=True):
+            module.load_state_dict(state[key])
+        if not (isinstance(step, int) and len(history) == step <= config.steps):
+            raise ValueError(f"step {step!r} with {len(history)} losses")
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
+        raise CheckpointError(
+            f"{path} does not fit the run of its config ({_reason(err)}); {_restart(path)}"
+        ) from err
+    return step, history, state["seconds"]
+
+
+def _diverged(config: TrainConfig, step: int, what: str) -> str:
+    return (
+        f"{what} at step {step} of {config.steps}: training stopped without saving this "
+        "state (no checkpoint or done marker written for it). Check the training images "
+        f"(finite, of moderate size), the learning rate (lr={config.lr}) and the noise "
+        f"range (sigma_max={config.sigma_max})"
+    )
 
 
 # ------------------------------------------------------------------------------- fit
@@ -277,25 +477,28 @@ def fit(
         callback: called as ``callback(step, loss)`` after every step (e.g. to stop).
 
     An exception (KeyboardInterrupt included) leaves the last checkpoint intact; calling
-    ``fit`` again resumes from it.
+    ``fit`` again resumes from it. Raises :class:`CheckpointError` for a checkpoint that
+    cannot be trusted and :class:`FloatingPointError` on a non-finite loss or state.
     """
     if train_images is None:
         color = config.channels == 3
         train_images = load(config.dataset, n=config.n_train, size=config.size, color=color)
-    if train_images.ndim != 4 or train_images.shape[:2] != (config.n_train, config.channels):
+    checks.check_images(train_images, "train_images")
+    if train_images.shape[:2] != (config.n_train, config.channels):
         raise ValueError(
             f"train_images must have shape ({config.n_train}, {config.channels}, H, W) as in "
             f"the config, got {tuple(train_images.shape)}"
         )
+    shape = tuple(train_images.shape[1:])
+    A, B = build_operators(config, shape)
     device = torch.device(device) if device is not None else runtime.device()
     folder = run_dir(config, train_images, run_root)
     folder.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(folder)
     if not (folder / CONFIG).exists():
         _atomic_write_text(config_json(config, train_images), folder / CONFIG)
     checkpoint = folder / CHECKPOINT
 
-    shape = tuple(train_images.shape[1:])
-    A, B = build_operators(config, shape)
     A, B = A.to(device), B.to(device)
     model = _build(config, device)
     model.noise_gain.fill_(B.noise_gain(A.output_shape(shape)))
@@ -306,10 +509,7 @@ def fit(
     step, history, seconds = 0, [], 0.0
     if checkpoint.exists():
         state = load_checkpoint(checkpoint, device)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, history, seconds = state["step"], list(state["history"]), state["seconds"]
+        step, history, seconds = _restore(checkpoint, state, config, (model, ema, optimizer))
     if (folder / DONE).exists() and step == config.steps:
         return _finished(config, model, ema, history, seconds, folder, loaded=True)
 
@@ -327,7 +527,9 @@ def fit(
             "config": config.to_dict(),
             "version": VERSION,
         }
-        _atomic_save(state, checkpoint)
+        if not _finite(state):
+            raise FloatingPointError(_diverged(config, step, "the weights are non-finite"))
+        _save_state(state, checkpoint)
         return total
 
     start, total = time.perf_counter(), seconds
@@ -357,6 +559,8 @@ def fit(
             _update_ema(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
             step += 1
             value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(_diverged(config, step, f"the loss is {value}"))
             history.append(value)
             running = value if running is None else 0.98 * running + 0.02 * value
             bar.update(1)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import os
 import pickle
 import struct
 import tarfile
@@ -237,15 +239,17 @@ def test_missing_files_offline(tmp_path, monkeypatch, no_network):
     with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte.gz") as info:
         data.load("fashionmnist", "test", n=3)
     message = str(info.value)
-    assert str(tmp_path) in message and "LEMMSE_DATA" in message
-    assert "Download failed" in message
+    assert str(tmp_path / "FashionMNIST" / "raw") in message and "LEMMSE_DATA" in message
+    assert "Download failed" in message and "<folder>" not in message
     assert no_network == [
         "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/t10k-images-idx3-ubyte.gz"
     ]
     with pytest.raises(FileNotFoundError, match="data_batch_1, .*data_batch_2"):
         data.load("cifar10", n=15000)
-    with pytest.raises(FileNotFoundError, match="ffhq/<S>x<S>"):
+    with pytest.raises(FileNotFoundError, match="ffhq/<S>x<S>") as info:
         data.load("ffhq")
+    assert f"{tmp_path / 'ffhq'}/<S>x<S>" in str(info.value)
+    assert "<folder>" not in str(info.value)
 
 
 def test_download_disabled(tmp_path, no_network):
@@ -266,10 +270,13 @@ def test_download_success_is_used(tmp_path, monkeypatch):
     import pooch
 
     images = np.arange(4 * 28 * 28).reshape(4, 28, 28) % 256
+    source = tmp_path / "src" / "t10k-images-idx3-ubyte.gz"
+    _write_idx(source, images)
+    _register(monkeypatch, "mnist", source)
 
     def fake_retrieve(url, known_hash, fname, path, **kwargs):
         assert known_hash == data.REGISTRY["mnist"]["files"][fname]
-        _write_idx(Path(path) / fname, images)
+        (Path(path) / fname).write_bytes(source.read_bytes())
         return str(Path(path) / fname)
 
     monkeypatch.setattr(pooch, "retrieve", fake_retrieve)
@@ -278,17 +285,17 @@ def test_download_success_is_used(tmp_path, monkeypatch):
     assert torch.equal((x[:, 0] * 255).round().to(torch.int64), torch.from_numpy(images))
 
 
-def test_idx_header_is_validated(tmp_path):
+@pytest.mark.parametrize(
+    ("shape", "magic", "n", "match"),
+    [((2, 28, 28), 0x801, None, "magic"), ((2, 27, 28), None, None, "shape")]
+    + [((2, 28, 28), None, 3, "n=3 but only 2")],
+)
+def test_idx_header_is_validated(tmp_path, monkeypatch, shape, magic, n, match):
     path = tmp_path / "MNIST/raw/train-images-idx3-ubyte.gz"
-    _write_idx(path, np.zeros((2, 28, 28)), magic=0x801)
-    with pytest.raises(ValueError, match="magic"):
-        data.load("mnist", root=tmp_path)
-    _write_idx(path, np.zeros((2, 27, 28)))
-    with pytest.raises(ValueError, match="shape"):
-        data.load("mnist", root=tmp_path)
-    _write_idx(path, np.zeros((2, 28, 28)))
-    with pytest.raises(ValueError, match="n=3 but only 2"):
-        data.load("mnist", root=tmp_path, n=3)
+    _write_idx(path, np.zeros(shape), magic=magic)
+    _register(monkeypatch, "mnist", path)
+    with pytest.raises(ValueError, match=match):
+        data.load("mnist", root=tmp_path, n=n)
 
 
 def _cifar_batch(count: int, first_label: int = 0) -> dict:
@@ -352,3 +359,191 @@ def test_ffhq_synthetic_png_modes(tmp_path):
     box = data.load("ffhq", size=4, n=1, root=tmp_path)
     assert torch.allclose(box[0], x[0].reshape(3, 4, 2, 4, 2).mean((2, 4)), atol=1e-6)
     assert data.load("ffhq", size=3, root=tmp_path).shape == (2, 3, 3, 3)
+
+
+# ----------------------------------------------------------------------------- integrity
+
+FAULTS = ["truncate", "flip", "append", "empty"]
+
+
+def _corrupt(path: Path, fault: str) -> None:
+    """Damage ``path`` in place: cut it in half, flip a middle (or the first) byte, append
+    garbage, or empty it; then move its mtime on (a rewrite within one clock tick may not)."""
+    raw, mtime = path.read_bytes(), path.stat().st_mtime_ns
+    at = 0 if fault == "magic" else len(raw) // 2
+    flipped = raw[:at] + bytes([raw[at] ^ 0xFF]) + raw[at + 1 :]
+    faulty = {"truncate": raw[: len(raw) // 2], "flip": flipped, "magic": flipped}
+    faulty |= {"append": raw + b"garbage", "empty": b""}
+    path.write_bytes(faulty[fault])
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _register(monkeypatch, key: str, path: Path) -> str:
+    """Make ``path`` the registry's official file of its name; return its sha256."""
+    digest = _sha(path)
+    monkeypatch.setitem(data.REGISTRY[key]["files"], path.name, f"sha256:{digest}")
+    return digest
+
+
+@pytest.fixture
+def tiny_idx(tmp_path, monkeypatch):
+    """A valid 50-label MNIST test file in ``$LEMMSE_DATA`` = ``tmp_path``, made official."""
+    monkeypatch.setenv("LEMMSE_DATA", str(tmp_path))
+    path = tmp_path / "MNIST/raw/t10k-labels-idx1-ubyte.gz"
+    _write_idx(path, np.arange(50) % 10)
+    _register(monkeypatch, "mnist", path)
+    return path
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_damaged_file_fails_its_checksum(tiny_idx, fault, no_network):
+    expected = _sha(tiny_idx)
+    _corrupt(tiny_idx, fault)
+    with pytest.raises(ValueError, match="sha256") as info:
+        data.load_labels("mnist", "test")
+    message = str(info.value)
+    assert isinstance(info.value, data.DataFileError)
+    assert str(tiny_idx) in message and expected in message and _sha(tiny_idx) in message
+    assert "delete" in message.lower() and "official" in message
+    assert no_network == []
+
+
+@needs_shared
+@pytest.mark.parametrize("fault", ["flip", "append"])
+def test_official_copy_is_verified(tmp_path, monkeypatch, fault):
+    rel = "FashionMNIST/raw/t10k-labels-idx1-ubyte.gz"
+    (tmp_path / rel).parent.mkdir(parents=True)
+    (tmp_path / rel).write_bytes((SHARED / rel).read_bytes())
+    monkeypatch.setenv("LEMMSE_DATA", str(tmp_path))
+    good = data.load_labels("fashionmnist", "test", n=20)
+    assert torch.equal(good, data.load_labels("fashionmnist", "test", n=20, root=SHARED))
+    _corrupt(tmp_path / rel, fault)
+    official = data.REGISTRY["fashionmnist"]["files"][Path(rel).name].removeprefix("sha256:")
+    with pytest.raises(data.DataFileError, match=official):
+        data.load_labels("fashionmnist", "test", n=20, download=False)
+
+
+@pytest.mark.parametrize("fault", ["truncate", "magic", "empty"])
+def test_unchecked_idx_decode_error_names_the_file(tiny_idx, monkeypatch, fault):
+    monkeypatch.setitem(data.REGISTRY["mnist"]["files"], tiny_idx.name, None)
+    _corrupt(tiny_idx, fault)
+    with pytest.raises(ValueError, match="(?i)delete it") as info:
+        data.load_labels("mnist", "test", download=False)
+    assert isinstance(info.value, data.DataFileError) and str(tiny_idx) in str(info.value)
+
+
+def test_checksum_once_per_file_version(tiny_idx, monkeypatch, tmp_path):
+    calls = []
+    real = data._sha256
+    monkeypatch.setattr(data, "_sha256", lambda path: calls.append(path) or real(path))
+    labels = data.load_labels("mnist", "test")
+    assert torch.equal(data.load_labels("mnist", "test", n=5), labels[:5])
+    (tmp_path / "x").mkdir()
+    data.load_labels("mnist", "test", root=tmp_path / "x" / "..")  # same file, other spelling
+    assert len(calls) == 1
+    stat = tiny_idx.stat()
+    os.utime(tiny_idx, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert torch.equal(data.load_labels("mnist", "test"), labels)
+    assert len(calls) == 2
+    _corrupt(tiny_idx, "append")
+    with pytest.raises(data.DataFileError):
+        data.load_labels("mnist", "test")
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("fault", ["truncate", "magic", "append", "empty", "labels", "shape"])
+def test_damaged_cifar_batch_names_the_file(tmp_path, fault):
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    path.parent.mkdir()
+    batch = _cifar_batch(5)
+    if fault == "labels":
+        batch[b"labels"][2] = 10
+    if fault == "shape":
+        batch = {b"images": batch[b"data"]}
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+    if fault not in ("labels", "shape"):
+        _corrupt(path, fault)
+    with pytest.raises(ValueError, match="(?i)delete it") as info:
+        data.load("cifar10", "test", root=tmp_path, download=False)
+    assert isinstance(info.value, data.DataFileError) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("fault", ["truncate", "magic", "flip", "empty"])
+def test_damaged_png_names_the_file(tmp_path, fault):
+    path = tmp_path / "ffhq" / "8x8" / "00003.png"
+    path.parent.mkdir(parents=True)
+    rgb = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(rgb, "RGB").save(path)
+    _corrupt(path, fault)
+    with pytest.raises(ValueError, match="(?i)replace it") as info:
+        data.load("ffhq", root=tmp_path)
+    assert isinstance(info.value, data.DataFileError) and str(path) in str(info.value)
+
+
+def _serve(monkeypatch, body: bytes, fail: bool = False) -> list[str]:
+    """Answer every pooch HTTP download with ``body`` (``fail``: then drop the connection)."""
+    import pooch
+
+    urls = []
+
+    def fake(self, url, output_file, pooch_obj, check_only=False):
+        urls.append(url)
+        Path(output_file).write_bytes(body)
+        if fail:
+            raise ConnectionError("connection reset after a partial download")
+
+    monkeypatch.setattr(pooch.HTTPDownloader, "__call__", fake)
+    return urls
+
+
+@pytest.fixture
+def official_labels(tmp_path, monkeypatch) -> bytes:
+    """Bytes of a small labels file registered as the official MNIST test labels."""
+    path = tmp_path / "official" / "t10k-labels-idx1-ubyte.gz"
+    _write_idx(path, np.arange(30) % 10)
+    _register(monkeypatch, "mnist", path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("case", ["partial", "wrong", "pooch-unchecked"])
+@pytest.mark.parametrize("fresh", [True, False])
+def test_failed_download_leaves_nothing(tmp_path, monkeypatch, official_labels, case, fresh):
+    import pooch
+
+    root = tmp_path / "new" / "data" if fresh else tmp_path / "root"
+    if not fresh:
+        root.mkdir()
+    if case == "pooch-unchecked":  # a retrieve that skips its own hash check
+
+        def unchecked(url, known_hash, fname, path, **kwargs):
+            Path(path).mkdir(parents=True, exist_ok=True)
+            Path(path, fname).write_bytes(official_labels[:-3])
+            return str(Path(path, fname))
+
+        monkeypatch.setattr(pooch, "retrieve", unchecked)
+    else:
+        _serve(monkeypatch, official_labels[: len(official_labels) // 2], fail=case == "partial")
+    with pytest.raises(FileNotFoundError, match="Download failed"):
+        data.load_labels("mnist", "test", root=root)
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    assert left == ["official", "official/t10k-labels-idx1-ubyte.gz"] + ([] if fresh else ["root"])
+
+
+def test_download_verified_then_renamed(tmp_path, monkeypatch, official_labels):
+    urls = _serve(monkeypatch, official_labels)
+    labels = data.load_labels("mnist", "test", root=tmp_path / "root")
+    assert urls == [data.REGISTRY["mnist"]["url"] + "t10k-labels-idx1-ubyte.gz"]
+    folder = tmp_path / "root" / "MNIST" / "raw"
+    assert [p.name for p in folder.iterdir()] == ["t10k-labels-idx1-ubyte.gz"]
+    assert (folder / "t10k-labels-idx1-ubyte.gz").read_bytes() == official_labels
+    assert labels.tolist() == (np.arange(30) % 10).tolist()
+
+
+def test_failed_cifar_download_removes_its_folders(tmp_path, no_network):
+    with pytest.raises(FileNotFoundError, match="Download failed"):
+        data.load("cifar10", root=tmp_path / "new")
+    assert not (tmp_path / "new").exists() and no_network

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -107,15 +111,55 @@ def test_paper_grid_is_the_full_grid():
 def test_cli_lists_the_paper_grid_as_json(capsys):
     assert main(["list", "--profile", "paper", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert len(listed) == len(ex.grid("paper"))
+    assert len(listed) == len(ex.grid("paper", "all"))
     fields = {"dataset", "n_train", "size", "color", "task", "preinverse", "lam", "arch"}
     fields |= {"patch_size", "preset", "steps", "batch_size", "lr", "eval_train", "eval_test"}
-    fields |= {"sigmas", "seed"}
+    fields |= {"sigmas", "seed", "eval_dataset", "diagnostics"}
     assert all(fields <= set(item) for item in listed)
     assert ex.Spec.from_dict({k: v for k, v in listed[0].items() if k != "name"})
     assert main(["list", "--profile", "quick", "--only", "cifar10*unet*"]) == 0
     out = capsys.readouterr().out
-    assert "2 specs" in out
+    assert "3 specs" in out and "onffhq" in out
+    assert main(["list", "--profile", "quick", "--study", "table2", "--only", "cifar10*unet*"]) == 0
+    assert "2 specs" in capsys.readouterr().out
+
+
+def test_studies_share_the_runs_of_table2():
+    table2 = ex.grid("quick")
+    union = ex.grid("quick", "all")
+    assert union[: len(table2)] == [s.replace(diagnostics=s.name in _DIAGNOSED) for s in table2]
+    assert len({s.replace(diagnostics=False) for s in union}) == len(union)
+    assert len({s.name for s in union}) == len(union)
+    for study in ex.STUDIES:
+        for spec in ex.grid("quick", study):  # every spec of a study is run by make runs
+            assert spec.replace(diagnostics=False) in {s.replace(diagnostics=False) for s in union}
+            if spec.diagnostics:
+                assert spec in union
+    sizes = {s.patch_size for s in ex.grid("quick", "patch_size")}
+    assert sizes >= {3, 5, 7}
+    n_trains = [s.n_train for s in ex.grid("quick", "dataset_size")]
+    assert max(n_trains) >= 10 * min(n_trains)
+    pairs = {(s.dataset, s.eval_dataset) for s in ex.grid("paper", "ood")}
+    assert pairs == {("fashionmnist", "mnist"), ("cifar10", "ffhq"), ("ffhq", "cifar10")}
+    with pytest.raises(ValueError, match="study"):
+        ex.grid("quick", "density2")
+
+
+_DIAGNOSED = {
+    "fashionmnist-denoising-identity-unet-p5-n1000",
+    "cifar10rgb-denoising-identity-unet-p5-n1000",
+}
+
+
+def test_diagnostics_and_eval_dataset_are_not_formula_fields():
+    spec = tiny()
+    assert spec.replace(diagnostics=True).formula_fields() == spec.formula_fields()
+    assert spec.replace(eval_dataset="mnist").formula_fields() != spec.formula_fields()
+    assert spec.replace(eval_dataset="mnist").name.endswith("-onmnist")
+    with pytest.raises(ValueError, match="eval_dataset"):
+        tiny(eval_dataset="imagenet")
+    with pytest.raises(TypeError, match="diagnostics"):
+        tiny(diagnostics=1)
 
 
 # ------------------------------------------------------------------------- evaluation
@@ -152,6 +196,43 @@ def test_run_matches_the_formula_and_the_network_and_is_cached(tmp_path):
         result.outputs("test", 0.3)
     with pytest.raises(ValueError, match="split"):
         result.outputs("val", 0.5)
+
+
+@needs("fashionmnist")
+@needs("mnist")
+def test_diagnostics_are_cached_with_the_formula_and_exact(tmp_path):
+    spec = tiny(task="denoising", preinverse="identity", eval_dataset="mnist")
+    plain = run(spec, tmp_path)
+    with pytest.raises(ValueError, match="diagnostics=True"):
+        plain.diagnostics("test", 0.2)
+    result = run(spec.replace(diagnostics=True), tmp_path)
+    assert result.computed == ("formula",)  # the network's outputs are shared
+    out = result.outputs("test", 0.2)
+    assert torch.equal(out.x, lc.data.load("mnist", split="test", n=2))
+    assert torch.equal(out.formula, plain.outputs("test", 0.2).formula)  # not recomputed
+    train_images = lc.data.load("fashionmnist", n=spec.n_train)
+    A, B = spec.operators(tuple(train_images.shape[1:]))
+    engine_ = lc.LEMMSE(train_images, A, spec.patch_size, B, dtype=torch.float64)
+    _, want = engine_.estimate(B.A(out.y.double()), 0.2, diagnostics=True, top_k=1)
+    diag = result.diagnostics("test", 0.2)
+    assert diag.log_density.shape == out.x.shape[:1] + out.x.shape[2:]
+    torch.testing.assert_close(diag.log_density.double(), want.log_density, atol=1e-3, rtol=0)
+    assert torch.equal(diag.rank, want.rank)
+    assert (diag.top_image == want.top_image[..., 0]).float().mean() > 0.95
+    again = run(spec.replace(diagnostics=True), tmp_path)
+    assert again.computed == ()
+    assert torch.equal(again.diagnostics("test", 0.2).top_image, diag.top_image)
+
+
+@needs("cifar10")
+@needs("ffhq")
+def test_eval_dataset_takes_the_training_side_and_channels():
+    spec = ex.Spec(dataset="cifar10", color=True, eval_dataset="ffhq", eval_test=4)
+    train_images, images = engine._load_images(spec)
+    assert images["test"].shape == (4, 3, 32, 32)
+    assert torch.equal(images["test"], lc.data.load("ffhq", split="test", n=4, size=32))
+    with pytest.raises(ValueError, match="only 5 FFHQ test images"):
+        engine._load_images(spec.replace(eval_test=6))
 
 
 @needs("fashionmnist")
@@ -216,3 +297,51 @@ def test_progress_follows_the_environment(monkeypatch):
     assert not ex.progress_enabled(None) and ex.progress_enabled(True)
     monkeypatch.delenv("LEMMSE_PROGRESS")
     assert ex.progress_enabled(None)
+
+
+# ------------------------------------------------------------------------ cache files
+
+
+def _cache(tmp_path, key="k") -> engine._Cache:
+    cache = engine._Cache(tmp_path / "formula" / "abc.pt", key)
+    cache.put("test", 0.5, torch.rand(2, 1, 4, 4), "the formula")
+    return cache
+
+
+def test_cache_files_carry_a_checksum_and_old_ones_still_load(tmp_path):
+    cache = _cache(tmp_path)
+    assert torch.load(cache.path, weights_only=True)["checksum"].startswith("sha256:")
+    torch.save({"key": "k", "entries": cache.entries}, cache.path)  # as before checksums
+    again = engine._Cache(cache.path, "k")
+    assert torch.equal(again.get("test", 0.5), cache.get("test", 0.5))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda state: state["entries"]["test/0.5"].view(-1).__setitem__(3, 0.25),
+        lambda state: state["entries"]["test/0.5"].view(-1).__setitem__(3, torch.nan),
+        lambda state: state.pop("checksum") and state.__setitem__("extra", 1),
+    ],
+    ids=["changed value", "NaN value", "checksum removed"],
+)
+def test_damaged_cache_files_raise_and_name_the_file(tmp_path, damage):
+    cache = _cache(tmp_path)
+    state = torch.load(cache.path, weights_only=True)
+    damage(state)
+    torch.save(state, cache.path)
+    with pytest.raises(lc.train.CheckpointError, match=re.escape(str(cache.path))) as info:
+        engine._Cache(cache.path, "k")
+    assert "delete" in str(info.value)
+
+
+def test_stale_cache_temporaries_are_removed(tmp_path):
+    folder = tmp_path / "formula"
+    folder.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stale, kept = folder / f".abc.pt.{child.pid}.tmp", folder / f".abc.pt.{os.getppid()}.tmp"
+    for path in (stale, kept):
+        path.write_bytes(b"partial")
+    engine._Cache(folder / "abc.pt", "k")
+    assert not stale.exists() and kept.exists()

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import struct
+import subprocess
+import sys
+import zipfile
 
 import pytest
 import torch
@@ -175,7 +181,7 @@ def test_other_operators(tmp_path, operator, preinverse, lam):
 def test_bad_configs():
     with pytest.raises(ValueError, match="operator"):
         config(operator="inpainting")
-    with pytest.raises(ValueError, match="name"):
+    with pytest.raises(ValueError, match="net"):
         config(net="vit")
     with pytest.raises(ValueError, match="steps"):
         config(steps=0)
@@ -187,3 +193,232 @@ def test_bad_configs():
 def test_cuda(tmp_path):
     run = train.fit(config(steps=4), images(), device="cuda", run_root=tmp_path, progress=False)
     assert next(run.ema_model.parameters()).is_cuda
+
+
+# ------------------------------------------------------------------- nothing silent
+
+
+def finished(tmp_path, **kwargs):
+    cfg = config(steps=10, **kwargs)
+    run = fit(cfg, tmp_path)
+    return cfg, run.path / train.CHECKPOINT
+
+
+def flip_tensor_byte(path) -> None:
+    """Flip the lowest bit of one float inside the largest tensor of the file."""
+    with zipfile.ZipFile(path) as archive:
+        entries = [i for i in archive.infolist() if "/data/" in i.filename]
+        info = max(entries, key=lambda i: i.file_size)
+    data, header = bytearray(path.read_bytes()), info.header_offset
+    name_len, extra_len = struct.unpack("<HH", data[header + 26 : header + 30])
+    start = header + 30 + name_len + extra_len
+    data[start + info.file_size // 8 * 4] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def legacy(path, change=None) -> None:
+    """Rewrite ``path`` as today's code wrote it: no checksum (after ``change(state)``)."""
+    state = torch.load(path, weights_only=True)
+    state.pop("checksum", None)
+    if change is not None:
+        change(state)
+    torch.save(state, path)
+
+
+def _rename_checksum(path):
+    state = torch.load(path, weights_only=True)
+    state["chacksum"] = state.pop("checksum")
+    torch.save(state, path)
+
+
+def _nan_weight(state):
+    next(iter(state["ema"].values())).view(-1)[0] = math.nan
+
+
+FAULTS = {
+    "flipped tensor byte": flip_tensor_byte,
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    "empty": lambda p: p.write_bytes(b""),
+    "text file": lambda p: p.write_text("not a checkpoint\n"),
+    "a tensor": lambda p: torch.save(torch.zeros(3), p),
+    "missing keys": lambda p: torch.save({"model": {}}, p),
+    "renamed checksum": _rename_checksum,
+    "legacy with NaN weights": lambda p: legacy(p, _nan_weight),
+    "legacy with NaN loss": lambda p: legacy(p, lambda s: s["history"].__setitem__(3, math.nan)),
+    "legacy of another network": lambda p: legacy(p, lambda s: s.__setitem__("model", {})),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_damaged_checkpoints_raise_one_error_that_says_how_to_restart(tmp_path, fault):
+    cfg, path = finished(tmp_path)
+    FAULTS[fault](path)
+    with pytest.raises(train.CheckpointError, match=re.escape(str(path))) as info:
+        fit(cfg, tmp_path)
+    assert "delete" in str(info.value)
+    if fault != "legacy of another network":  # only fit knows the network
+        with pytest.raises(train.CheckpointError, match=re.escape(str(path))):
+            train.load_checkpoint(path)
+
+
+def test_checkpoints_carry_a_checksum_and_old_ones_still_load(tmp_path):
+    cfg, path = finished(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    assert raw["checksum"].startswith("sha256:")
+    assert "checksum" not in train.load_checkpoint(path)
+    legacy(path)  # checkpoints of the code before checksums: loaded, unverifiable
+    again = fit(cfg, tmp_path)
+    assert again.loaded and len(again.history) == 10
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temporaries_are_removed_when_a_run_starts(tmp_path):
+    cfg = config(steps=2, warmup=0)
+    folder = train.run_dir(cfg, images(), tmp_path)
+    folder.mkdir(parents=True)
+    dead, live = _dead_pid(), os.getppid()
+    stale = [f".{train.CHECKPOINT}.{dead}.tmp", f".eval-0123abcd.pt.{dead}.tmp"]
+    kept = [f".{train.CHECKPOINT}.{live}.tmp", "notes.tmp", ".checkpoint.pt.x.tmp"]
+    for name in stale + kept:
+        (folder / name).write_bytes(b"partial")
+    fit(cfg, tmp_path)
+    names = {p.name for p in folder.iterdir()}
+    assert not names & set(stale)
+    assert set(kept) <= names
+
+
+def _assert_nothing_saved(cfg, root) -> None:
+    folder = train.run_dir(cfg, images(), root)
+    assert not (folder / train.DONE).exists()
+    assert not (folder / train.CHECKPOINT).exists()
+
+
+def test_a_non_finite_loss_stops_training_and_saves_nothing(tmp_path):
+    cfg = config(lr=1e30, warmup=0)  # measured: a finite loss, then NaN from step 2
+    with pytest.raises(FloatingPointError, match="step 2 of 20") as info:
+        fit(cfg, tmp_path)
+    assert all(word in str(info.value) for word in ("images", "lr", "sigma_max"))
+    _assert_nothing_saved(cfg, tmp_path)
+
+
+def test_huge_images_give_a_non_finite_loss_at_the_first_step(tmp_path):
+    cfg = config()
+    huge = images() * 1e30
+    with pytest.raises(FloatingPointError, match="step 1 of 20"):
+        train.fit(cfg, huge, device="cpu", run_root=tmp_path, progress=False)
+    assert not (train.run_dir(cfg, huge, tmp_path) / train.DONE).exists()
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
+    update = train._update_ema
+
+    def diverge(ema, model, decay):  # the loss stays finite, the EMA does not
+        update(ema, model, decay)
+        next(ema.parameters()).data.fill_(math.inf)
+
+    monkeypatch.setattr(train, "_update_ema", diverge)
+    cfg = config(steps=1, warmup=0)
+    with pytest.raises(FloatingPointError, match="step 1 of 1"):
+        fit(cfg, tmp_path)
+    _assert_nothing_saved(cfg, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (images().mul(255).to(torch.uint8), "floating"),
+        (images().double().masked_fill(images() > 0.9, math.nan), "NaN"),
+        (images().masked_fill(images() > 0.9, math.inf), "infinite"),
+    ],
+)
+def test_integer_or_non_finite_images_are_rejected_before_any_folder(tmp_path, bad, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        train.fit(config(), bad, device="cpu", run_root=tmp_path, progress=False)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_operator_not_fitting_the_images_fails_before_any_folder(tmp_path):
+    with pytest.raises(ValueError, match="box"):
+        fit(config(operator="inpainting_center:9"), tmp_path)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+BAD_FIELDS = [
+    ("net", "vit"),
+    ("preset", "huge"),
+    ("patch_size", 4),
+    ("patch_size", 5.0),
+    ("channels", 0),
+    ("channels", 1.0),
+    ("dataset", 3),
+    ("dataset", ""),
+    ("n_train", 0),
+    ("size", 0),
+    ("size", 28.0),
+    ("preinverse", "inverse"),
+    ("steps", 0),
+    ("steps", 20.0),
+    ("steps", True),
+    ("batch_size", 0),
+    ("lr", math.inf),
+    ("lr", math.nan),
+    ("lr", 0.0),
+    ("lr", "1e-3"),
+    ("lr_floor", 0.0),
+    ("lr_floor", 1.0),
+    ("lr_floor", math.nan),
+    ("warmup", -1),
+    ("warmup", 20),
+    ("warmup", 1.5),
+    ("weight_decay", math.nan),
+    ("weight_decay", -0.1),
+    ("weight_decay", math.inf),
+    ("ema_decay", 1.0),
+    ("ema_decay", -0.1),
+    ("ema_decay", math.nan),
+    ("grad_clip", 0.0),
+    ("grad_clip", math.inf),
+    ("grad_clip", math.nan),
+    ("sigma_max", 0.0),
+    ("sigma_max", -1.0),
+    ("sigma_max", math.inf),
+    ("sigma_max", math.nan),
+    ("seed", 1.0),
+    ("seed", -1),
+    ("seed", True),
+    ("seed", 2**40),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_FIELDS)
+def test_config_rejects_each_bad_field_by_name(name, value):
+    with pytest.raises((TypeError, ValueError), match=rf"\b{name}\b"):
+        config(**{name: value})
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"preinverse": "tikhonov", "lam": -1.0}, "lam"),
+        ({"preinverse": "tikhonov", "lam": math.nan}, "lam"),
+        ({"preinverse": "tikhonov"}, "lam"),
+        ({"lam": 0.1}, "lam"),
+        ({"operator": "blur_gaussian:-1"}, "std"),
+        ({"operator": "blur_gaussian:nan"}, "std"),
+        ({"operator": "blur_gaussian:wide"}, "operator"),
+        ({"operator": "blur_defocus:0"}, "radius"),
+        ({"operator": "inpainting_random:0"}, "fraction"),
+        ({"operator": "inpainting_random:1.5"}, "fraction"),
+        ({"operator": "inpainting_center:0"}, "box"),
+        ({"operator": "inpainting_center:2.5"}, "box"),
+        ({"operator": 3}, "operator"),
+    ],
+)
+def test_config_rejects_bad_operators_and_lam(changes, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        config(**changes)

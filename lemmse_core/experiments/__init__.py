@@ -8,26 +8,66 @@ of specs, a :class:`Grid`. :func:`grid` gives the specs of a profile; the comman
 ``python -m lemmse_core.experiments list|run|report --profile quick|paper``.
 """
 
-from .engine import COLUMNS, SPLITS, Grid, Outputs, Result, progress_enabled, run
-from .grids import ARCHS, grid, select, tasks
-from .report import CONFIG, architectures, curves, table2
+from .engine import (
+    COLUMNS,
+    MASS,
+    SPLITS,
+    Diagnostics,
+    Grid,
+    Outputs,
+    Result,
+    progress_enabled,
+    run,
+)
+from .grids import ARCHS, STUDIES, grid, select, tasks
+from .report import (
+    CONFIG,
+    DIFFUSE,
+    SHARED,
+    architectures,
+    best_of_sweep,
+    curves,
+    density,
+    pixels,
+    same_source,
+    smoothed,
+    source_map,
+    spearman,
+    sweep,
+    sweep_difference,
+    table2,
+)
 from .spec import Spec
 
 __all__ = [
     "ARCHS",
     "COLUMNS",
+    "MASS",
+    "STUDIES",
+    "Diagnostics",
     "CONFIG",
+    "DIFFUSE",
+    "SHARED",
     "SPLITS",
     "Grid",
     "Outputs",
     "Result",
     "Spec",
     "architectures",
+    "best_of_sweep",
     "curves",
+    "density",
     "grid",
+    "pixels",
     "progress_enabled",
     "run",
+    "same_source",
     "select",
+    "smoothed",
+    "source_map",
+    "spearman",
+    "sweep",
+    "sweep_difference",
     "table2",
     "tasks",
 ]

@@ -1,4 +1,4 @@
-"""Command line of the experiments: list, run and report the grid of a profile.
+"""Command line of the experiments: list, run and report the specs of a profile.
 
     python -m lemmse_core.experiments list --profile quick|paper [--json] [--only PATTERN]
     python -m lemmse_core.experiments run --profile quick|paper [--only PATTERN]
@@ -7,7 +7,8 @@
 ``run`` trains and evaluates every spec with a progress bar per run, resumes after an
 interruption, and writes the table to ``<runs>/tables/<profile>.csv``. ``report`` prints
 the paper's Table 2 of the specs already finished, computing nothing. PATTERN is a glob
-on the spec names (a plain word matches any name that contains it).
+on the spec names (a plain word matches any name that contains it); ``--study NAME``
+keeps one study of :data:`~lemmse_core.experiments.STUDIES` (default: all of them).
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ import pandas as pd
 
 from .. import profiles, train
 from .engine import run_one
-from .grids import grid
+from .grids import STUDIES, grid
 from .report import table2
 
 
 def _specs(args):
-    specs = grid(args.profile)
+    specs = grid(args.profile, args.study)
     if args.only:
         pattern = args.only if any(c in args.only for c in "*?[") else f"*{args.only}*"
         specs = [s for s in specs if fnmatch.fnmatchcase(s.name, pattern)]
@@ -52,8 +53,10 @@ def _table(results, args, name: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.csv"
     table.to_csv(path, index=False)
-    print("\nTable 2 (mean PSNR(net, formula) in dB over sigma and images):")
-    print(table2(table).round(1).to_string())
+    rows = table[table["name"].isin({s.name for s in grid(args.profile, "table2")})]
+    if len(rows):
+        print("\nTable 2 (mean PSNR(net, formula) in dB over sigma and images):")
+        print(table2(rows).round(1).to_string())
     print(f"\nthe table, one row per split, sigma and image: {path}")
 
 
@@ -92,6 +95,7 @@ def main(argv=None) -> int:
         sub = commands.add_parser(name, help=doc)
         sub.add_argument("--profile", choices=sorted(profiles.PROFILES), default=profiles.name())
         sub.add_argument("--only", metavar="PATTERN", help="glob on the spec names")
+        sub.add_argument("--study", choices=["all", *STUDIES], default="all")
         sub.add_argument("--root", help="runs folder (default $LEMMSE_RUNS, else <repo>/runs)")
         if name == "list":
             sub.add_argument("--json", action="store_true", help="one JSON object per spec")

@@ -11,13 +11,19 @@ Caches, both written atomically after every σ (an interrupted evaluation resume
 - ``<root>/formula/<key>.pt``: the formula's outputs, shared by every network of the same
   formula fields (:meth:`Spec.formula_fields`), keyed by those fields, fingerprints of the
   training and evaluation images and :data:`VERSION`;
-- ``<run folder>/eval-<key>.pt``: the network's outputs, beside its training run.
+- ``<run folder>/eval-<key>.pt``: the network's outputs, beside its training run;
+- ``<root>/formula/<key>-diagnostics.pt``: with ``spec.diagnostics``, the formula's
+  per-pixel diagnostics (:class:`Diagnostics`), from the same pass as its outputs.
 
-A non-finite output raises :class:`FloatingPointError` and is never cached.
+A non-finite output raises :class:`FloatingPointError` and is never cached. Cache files
+carry a checksum, verified on load like the checkpoints (a damaged or non-finite file
+raises :class:`lemmse_core.train.CheckpointError`; files from before checksums load
+unverified), and the temporaries of killed writers are deleted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -35,8 +41,10 @@ from ..metrics import psnr
 from .spec import Spec
 
 # Bump when a change of the evaluation makes cached outputs stale.
-VERSION = 2  # 2: grouped LE-MMSE keys (outputs differ from 1 by rounding)
+VERSION = 3  # 2: grouped LE-MMSE keys; 3: exact stratum membership (Prop. B.5)
 SPLITS = ("train", "test")
+#: The weight fraction of the paper's mass maps (Figs. 20–24; ``LEMMSE.estimate(mass=)``).
+MASS = 0.9
 COLUMNS = (
     "dataset",
     "task",
@@ -53,6 +61,7 @@ COLUMNS = (
     "n_train",
     "lam",
     "operator",
+    "eval_dataset",
     "name",
 )
 
@@ -77,6 +86,34 @@ class Outputs:
 
 
 @dataclass
+class Diagnostics:
+    """Per-pixel diagnostics of the formula at one (split, σ), each ``(n, H, W)``:
+    ``log_density`` (the LE-MMSE denominator, THEORY.md item 8), ``rank`` (the stratum),
+    ``top_weight``, ``top_image`` and ``top_location`` (``(n, H, W, 2)``) of the dominant
+    source. (Mass counts are left out: at large σ they cost 5× the estimate.)"""
+
+    log_density: torch.Tensor
+    rank: torch.Tensor
+    top_weight: torch.Tensor
+    top_image: torch.Tensor
+    top_location: torch.Tensor
+
+    @classmethod
+    def of(cls, diag) -> Diagnostics:
+        """From the LE-MMSE's :class:`~lemmse_core.lemmse.PatchDiagnostics` (top 1)."""
+        return cls(
+            diag.log_density,
+            diag.rank,
+            diag.top_weights[..., 0],
+            diag.top_image[..., 0],
+            diag.top_location[..., 0, :],
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class Result:
     """One evaluated spec: ``table`` (one row per split, σ and image), ``run`` (the trained
     network, :class:`lemmse_core.train.TrainedRun`) and the images via :meth:`outputs`."""
@@ -95,6 +132,15 @@ class Result:
         x, y, v = (self._images[split][k](float(sigma)) for k in ("x", "y", "v"))
         formula, net = (self._images[k][split, float(sigma)] for k in ("formula", "net"))
         return Outputs(x, y, v, formula, net)
+
+    def diagnostics(self, split: str, sigma: float) -> Diagnostics:
+        """The formula's per-pixel diagnostics (specs with ``diagnostics=True``)."""
+        self.outputs(split, sigma)  # checks split and sigma
+        if not self.spec.diagnostics:
+            raise ValueError(
+                f"{self.spec.name} has no diagnostics: run spec.replace(diagnostics=True)"
+            )
+        return Diagnostics(**self._images["diagnostics"][split, float(sigma)])
 
     @property
     def summary(self) -> str:
@@ -134,7 +180,7 @@ class Grid(Sequence):
 
 def _atomic_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    train._atomic_save(obj, path)
+    train._save_state(obj, path)
 
 
 class _Cache:
@@ -142,21 +188,30 @@ class _Cache:
 
     def __init__(self, path: Path, key: str):
         self.path, self.key, self.entries = path, key, {}
+        if path.parent.is_dir():
+            train._remove_stale_temporaries(path.parent, path.name)
         if path.exists():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if state.get("key") == key:
+            remedy = "delete it to compute these outputs again"
+            state = train._load_state(path, ("key", "entries"), remedy)
+            if state["key"] == key:
                 self.entries = dict(state["entries"])
 
     def get(self, split, sigma):
         return self.entries.get(f"{split}/{sigma!r}")
 
-    def put(self, split, sigma, value: torch.Tensor, what: str) -> None:
-        if not torch.isfinite(value).all():
+    def put(self, split, sigma, value, what: str) -> None:
+        """Cache a float tensor (stored in float32) or a dict of tensors (kept as is)."""
+        parts = value if isinstance(value, dict) else {"": value}
+        if not all(torch.isfinite(t).all() for t in parts.values()):
             raise FloatingPointError(
                 f"{what} at sigma={sigma} ({split} images) has non-finite values; "
                 "nothing was cached"
             )
-        self.entries[f"{split}/{sigma!r}"] = value.detach().to("cpu", torch.float32)
+        if isinstance(value, dict):
+            value = {k: t.detach().cpu() for k, t in value.items()}
+        else:
+            value = value.detach().to("cpu", torch.float32)
+        self.entries[f"{split}/{sigma!r}"] = value
         _atomic_save({"key": self.key, "entries": self.entries}, self.path)
 
 
@@ -174,9 +229,15 @@ def _key(spec: Spec, train_images, eval_images) -> str:
 
 
 def _load_images(spec: Spec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Training images and the evaluation images per split (``eval_dataset``: test
+    images of that dataset at the training images' side)."""
     kwargs = {"size": spec.size, "color": spec.color}
     train_images = data.load(spec.dataset, n=spec.n_train, **kwargs)
-    test = data.load(spec.dataset, split="test", n=spec.eval_test, **kwargs)
+    if spec.eval_dataset is None:
+        test = data.load(spec.dataset, split="test", n=spec.eval_test, **kwargs)
+    else:
+        side = train_images.shape[-1]
+        test = data.load(spec.eval_dataset, "test", spec.eval_test, side, spec.color)
     return train_images, {"train": train_images[: spec.eval_train], "test": test}
 
 
@@ -223,24 +284,37 @@ def _fill(cache, pending, compute, bar, what: str) -> None:
         bar.update(1)
 
 
+def _fill_formula(caches, pending, engine, v, bar, what: str) -> None:
+    """The formula's outputs and, where ``caches`` has them, diagnostics (one pass)."""
+    bar.set_description(what)
+    for split, sigma in pending:
+        if "diagnostics" not in caches or caches["diagnostics"].get(split, sigma) is not None:
+            caches["formula"].put(split, sigma, engine.estimate(v(split, sigma), sigma), what)
+        else:
+            out, diag = engine.estimate(v(split, sigma), sigma, diagnostics=True, top_k=1)
+            caches["diagnostics"].put(split, sigma, Diagnostics.of(diag).to_dict(), what)
+            if caches["formula"].get(split, sigma) is None:
+                caches["formula"].put(split, sigma, out, what)
+        bar.update(1)
+
+
 def _evaluate(spec, run, train_images, eval_images, root, device, progress, computed):
     A, B = spec.operators(tuple(train_images.shape[1:]))
     images = _measurements(spec, A, B, eval_images)
     key = _key(spec, train_images, eval_images)
-    caches = {
-        "formula": _Cache(train.run_root(root) / "formula" / f"{key}.pt", key),
-        "net": _Cache(run.path / f"eval-{key}.pt", key),
-    }
+    caches = _caches(spec, run.path, root, key)
     pending = {what: _pending(cache, spec, eval_images) for what, cache in caches.items()}
-    total = sum(len(p) for p in pending.values())
+    formula = sorted(set(pending["formula"]) | set(pending.get("diagnostics", ())))
+    total = len(formula) + len(pending["net"])
     bar = runtime.progress_bar(total=total, disable=not progress or total == 0)
     with bar:
-        if pending["formula"]:
+        if formula:
             engine = LEMMSE(train_images.to(device), A.to(device), spec.patch_size, B.to(device))
-            _fill(
-                caches["formula"],
-                pending["formula"],
-                lambda split, s: engine.estimate(images[split]["v64"](s).to(device), s),
+            _fill_formula(
+                caches,
+                formula,
+                engine,
+                lambda split, s: images[split]["v64"](s).to(device),
                 bar,
                 f"LE-MMSE of {spec.name}",
             )
@@ -262,8 +336,27 @@ def _evaluate(spec, run, train_images, eval_images, root, device, progress, comp
             for s in spec.sigmas
         }
         for what, cache in caches.items()
+        if what != "diagnostics"
     }
+    if "diagnostics" in caches:
+        outputs["diagnostics"] = {
+            (split, s): caches["diagnostics"].get(split, s)
+            for split in SPLITS
+            for s in spec.sigmas
+            if len(eval_images[split])
+        }
     return images, outputs
+
+
+def _caches(spec: Spec, run_folder: Path, root, key: str) -> dict:
+    formula = train.run_root(root) / "formula"
+    caches = {
+        "formula": _Cache(formula / f"{key}.pt", key),
+        "net": _Cache(run_folder / f"eval-{key}.pt", key),
+    }
+    if spec.diagnostics:
+        caches["diagnostics"] = _Cache(formula / f"{key}-diagnostics.pt", key)
+    return caches
 
 
 def _table(spec: Spec, images: dict, outputs: dict) -> pd.DataFrame:
@@ -292,6 +385,7 @@ def _table(spec: Spec, images: dict, outputs: dict) -> pd.DataFrame:
         "n_train": spec.n_train,
         "lam": math.nan if spec.lam is None else spec.lam,
         "operator": spec.task,
+        "eval_dataset": spec.eval_dataset or spec.dataset,
         "name": spec.name,
     }
     for column, value in labels.items():
@@ -331,8 +425,8 @@ def _finished(spec, config, train_images, eval_images, root) -> bool:
     if not (folder / train.DONE).exists():
         return False
     key = _key(spec, train_images, eval_images)
-    paths = (train.run_root(root) / "formula" / f"{key}.pt", folder / f"eval-{key}.pt")
-    return not any(_pending(_Cache(p, key), spec, eval_images) for p in paths)
+    caches = _caches(spec, folder, root, key)
+    return not any(_pending(c, spec, eval_images) for c in caches.values())
 
 
 def run(specs, *, root=None, device=None, progress: bool | None = None):

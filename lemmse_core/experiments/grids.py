@@ -6,6 +6,12 @@ physics-aware centre inpainting on CIFAR-10. ``paper``: the full grid at the pap
 sizes (three datasets, three architectures, six task and pre-inverse pairs), for a GPU.
 Every chapter picks its specs from :func:`grid` with :func:`select`, so a spec trained
 for one chapter is the same run for all of them.
+
+Besides ``table2`` (the grid above), :data:`STUDIES` name the specs of the paper's
+Secs. 4.2–4.3 and App. D.3–D.7, which reuse its networks where they can: ``density``
+(Figs. 6, 17: the formula's diagnostics on the denoisers), ``ood`` (Figs. 7, 25: test images
+of another dataset), ``patch_size`` (Figs. 18, 19) and ``dataset_size`` (Fig. 26).
+``grid(study="all")`` is their union, one spec per run (what ``make runs`` computes).
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ def tasks(dataset: str, kinds=("identity", "adjoint", "pinv", "tikhonov")) -> li
 
 def _spec(profile: str, arch: str, **fields) -> Spec:
     recipe = _RECIPES[profile]
-    return Spec(arch=arch, steps=recipe["steps"][arch], **recipe["common"], **fields)
+    return Spec(**{**recipe["common"], "arch": arch, "steps": recipe["steps"][arch], **fields})
 
 
 def _paper(profile: str) -> list[Spec]:
@@ -90,13 +96,94 @@ def _quick(profile: str) -> list[Spec]:
     return [*specs, _spec(profile, "unet", **cifar, **aware_inpainting)]
 
 
-def grid(profile: str | None = None) -> list[Spec]:
-    """The specs of ``profile`` (default: the active one, ``LEMMSE_PROFILE``)."""
+#: Per profile, the sweeps of the studies: the dataset, patch sizes, dataset sizes,
+#: out-of-distribution pairs (training dataset, evaluation dataset) and the datasets whose
+#: denoiser gets diagnostics. The paper runs the
+#: patch-size and dataset-size sweeps on FFHQ-32, which is not available at this scale.
+_SWEEPS = {
+    "quick": {
+        "data": {"dataset": "fashionmnist"},
+        "patch_sizes": (3, 5, 7),
+        "n_trains": (100, 300, 1000, 3000),
+        "ood": (("fashionmnist", "mnist"), ("cifar10", "ffhq")),
+        "density": ("fashionmnist", "cifar10"),
+    },
+    "paper": {
+        "data": {"dataset": "ffhq", "size": 32, "color": True},
+        "patch_sizes": (3, 5, 7, 9),
+        "n_trains": (1000, 5000, 10000, 50000),
+        "ood": (("fashionmnist", "mnist"), ("cifar10", "ffhq"), ("ffhq", "cifar10")),
+        "density": ("fashionmnist", "cifar10", "ffhq"),
+    },
+}
+_DATA = {
+    "fashionmnist": {"dataset": "fashionmnist"},
+    "cifar10": {"dataset": "cifar10", "color": True},
+    "ffhq": {"dataset": "ffhq", "size": 32, "color": True},
+}
+
+
+def _denoiser(profile: str, **fields) -> Spec:
+    return _spec(profile, "unet", **fields)
+
+
+def _density(profile: str) -> list[Spec]:
+    names = _SWEEPS[profile]["density"]
+    return [_denoiser(profile, **_DATA[name], diagnostics=True) for name in names]
+
+
+def _ood(profile: str) -> list[Spec]:
+    return [
+        _denoiser(profile, **_DATA[a], eval_dataset=b, diagnostics=True)
+        for a, b in _SWEEPS[profile]["ood"]
+    ]
+
+
+def _patch_size(profile: str) -> list[Spec]:
+    sweep = _SWEEPS[profile]
+    return [
+        _denoiser(profile, **sweep["data"], patch_size=p, diagnostics=True)
+        for p in sweep["patch_sizes"]
+    ]
+
+
+def _dataset_size(profile: str) -> list[Spec]:
+    sweep = _SWEEPS[profile]
+    return [_denoiser(profile, **sweep["data"], n_train=n) for n in sweep["n_trains"]]
+
+
+STUDIES = {
+    "table2": lambda profile: {"quick": _quick, "paper": _paper}[profile](profile),
+    "density": _density,
+    "ood": _ood,
+    "patch_size": _patch_size,
+    "dataset_size": _dataset_size,
+}
+
+
+def _union(lists) -> list[Spec]:
+    """One spec per run and evaluation, in first-seen order; diagnostics if any asks."""
+    out: dict[str, Spec] = {}
+    for spec in (s for specs in lists for s in specs):
+        key = spec.replace(diagnostics=False).to_json()
+        seen = out.get(key)
+        out[key] = (
+            spec if seen is None else seen.replace(diagnostics=seen.diagnostics or spec.diagnostics)
+        )
+    return list(out.values())
+
+
+def grid(profile: str | None = None, study: str = "table2") -> list[Spec]:
+    """The specs of ``study`` (one of :data:`STUDIES` or ``"all"``) in ``profile``
+    (default: the active one, ``LEMMSE_PROFILE``)."""
     profile = profiles.name() if profile is None else profile
-    builders = {"quick": _quick, "paper": _paper}
-    if profile not in builders:
-        raise ValueError(f"profile must be one of {sorted(builders)}, got {profile!r}")
-    return builders[profile](profile)
+    if profile not in _RECIPES:
+        raise ValueError(f"profile must be one of {sorted(_RECIPES)}, got {profile!r}")
+    if study == "all":
+        return _union(build(profile) for build in STUDIES.values())
+    if study not in STUDIES:
+        raise ValueError(f"study must be 'all' or one of {sorted(STUDIES)}, got {study!r}")
+    return STUDIES[study](profile)
 
 
 def select(specs, **fields) -> list[Spec]:

@@ -4,8 +4,11 @@ agreement between architectures trained on the same configuration."""
 from __future__ import annotations
 
 import itertools
+import math
 
+import numpy as np
 import pandas as pd
+import torch
 
 from ..metrics import psnr
 from .engine import SPLITS
@@ -63,3 +66,189 @@ def architectures(results) -> pd.DataFrame:
                         }
                     )
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------ sweeps (paper Figs. 18, 19, 26)
+
+
+def sweep(table: pd.DataFrame, by: str) -> pd.DataFrame:
+    """The curves of a sweep over ``by`` (``"patch_size"``, ``"n_train"``): per
+    configuration, architecture, value of ``by``, split and σ, the mean of each PSNR over
+    the images and its image-to-image standard deviation (``<column>_std``; NaN for one
+    image), sorted by ``by`` and σ."""
+    keys = [*CONFIG, "arch", by, "split", "sigma"]
+    groups = table.groupby(keys, sort=True)[_PSNRS]
+    spread = groups.std(ddof=1).add_suffix("_std")
+    return pd.concat([groups.mean(), spread], axis=1).reset_index()
+
+
+def best_of_sweep(table: pd.DataFrame, by: str, column: str = "psnr_formula_truth") -> pd.DataFrame:
+    """Per configuration, architecture, split and σ: the value of ``by`` whose mean
+    ``column`` over the images is the highest (the paper's best patch size per σ, Fig. 19),
+    that mean, and its ``margin`` in dB over the runner-up (NaN with one value of ``by``)."""
+    curves_ = sweep(table, by)
+    keys = [*CONFIG, "arch", "split", "sigma"]
+    rows = []
+    for key, part in curves_.groupby(keys, sort=False):
+        order = part.sort_values(column, ascending=False, kind="stable")
+        top = order.iloc[0]
+        margin = top[column] - order.iloc[1][column] if len(order) > 1 else float("nan")
+        rows.append(
+            {
+                **dict(zip(keys, key, strict=True)),
+                by: top[by],
+                column: top[column],
+                "margin": margin,
+            }
+        )
+    return pd.DataFrame(rows, columns=[*keys, by, column, "margin"])
+
+
+def sweep_difference(
+    table: pd.DataFrame, by: str, low, high, column: str = "psnr_net_formula"
+) -> pd.DataFrame:
+    """Paired over the images (the same images and noise for every run of a sweep): per
+    configuration, architecture, split and σ, the mean and standard deviation over the
+    images of ``column`` at ``by == high`` minus ``column`` at ``by == low``."""
+    keys = [*CONFIG, "arch", "split", "sigma", "image"]
+    sides = []
+    for value in (low, high):
+        part = table[table[by] == value]
+        if not len(part):
+            raise ValueError(f"no row has {by} == {value!r}")
+        if part.duplicated(keys).any():
+            raise ValueError(f"several rows per image at {by} == {value!r}")
+        sides.append(part.set_index(keys)[column])
+    difference = (sides[1] - sides[0]).dropna()
+    out = difference.groupby(level=keys[:-1], sort=False).agg(["mean", "std", "count"])
+    return out.reset_index()
+
+
+# ----------------------------------- density and out of distribution (Figs. 6, 7, 17, 25)
+
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation of two sequences of the same length: the Pearson
+    correlation of their ranks, ties getting their average rank (no scipy needed); NaN
+    when either sequence is constant."""
+    a, b = (pd.Series(np.asarray(s, dtype=np.float64).ravel()) for s in (a, b))
+    if len(a) != len(b):
+        raise ValueError(f"a and b must have the same length, got {len(a)} and {len(b)}")
+    return float(a.rank().corr(b.rank()))
+
+
+def pixels(result, split: str, sigma: float) -> pd.DataFrame:
+    """One row per pixel of the ``split`` images of ``result`` (a spec with diagnostics)
+    at ``sigma``: ``image``, ``row``, ``col``, the formula's ``log_density`` (the LE-MMSE
+    denominator, :class:`~lemmse_core.experiments.Diagnostics`), the stratum ``rank`` r,
+    ``log_overlap`` = ``log_density + (r/2) log(2πσ²) + log(N |Ω|)``, the log-density
+    relative to the peak of one term of the mixture (for denoising, the log of
+    ``Σ_{n,k} exp(−‖u − Π_n x_k‖² / 2σ²)``, at most ``log(N |Ω|)``: comparable across σ),
+    and the ``disagreement`` |net − formula| (mean over the channels)."""
+    out, diag = result.outputs(split, sigma), result.diagnostics(split, sigma)
+    gap = (out.net.double() - out.formula.double()).abs().mean(dim=1)
+    if diag.log_density.shape != gap.shape:
+        raise ValueError(f"log_density {tuple(diag.log_density.shape)} != {tuple(gap.shape)}")
+    index = torch.stack(torch.meshgrid(*map(torch.arange, gap.shape), indexing="ij"))
+    names = ("image", "row", "col")
+    columns = {k: t.flatten().numpy() for k, t in zip(names, index, strict=True)}
+    log_density, rank = diag.log_density.double(), diag.rank.double()
+    terms = result.spec.n_train * gap.shape[1] * gap.shape[2]
+    overlap = log_density + rank / 2 * math.log(2 * math.pi * sigma**2) + math.log(terms)
+    columns["log_density"] = log_density.flatten().numpy()
+    columns["rank"] = rank.flatten().numpy()
+    columns["log_overlap"] = overlap.flatten().numpy()
+    columns["disagreement"] = gap.flatten().numpy()
+    return pd.DataFrame(columns)
+
+
+def density(results) -> pd.DataFrame:
+    """Per result (specs with diagnostics), split and σ: ``images`` (the dataset the images
+    come from: ``eval_dataset`` for the test split), the mean over the images of the PSNRs,
+    the mean and median over the pixels of the negative log-density of the measurement
+    patches, the mean of ``log_overlap`` (:func:`pixels`), and ``spearman``, Spearman's ρ
+    over the pixels between the log-density and |net − formula| (ρ < 0: the agreement
+    degrades where the density is low, the paper's Sec. 4.2). A split evaluated by several
+    results with the same network and images (the training split of an in- and an
+    out-of-distribution spec) appears once.
+    """
+    rows, seen = [], set()
+    for r in results:
+        spec = r.spec
+        for split in SPLITS:
+            images = spec.dataset if split == "train" else spec.eval_dataset or spec.dataset
+            key = (spec.replace(eval_dataset=images, diagnostics=True), split)
+            if key in seen or not len(r.table[r.table.split == split]):
+                continue
+            seen.add(key)
+            for sigma in spec.sigmas:
+                part = r.table[(r.table.split == split) & (r.table.sigma == sigma)]
+                px = pixels(r, split, sigma)
+                rows.append(
+                    {
+                        "name": spec.name,
+                        "dataset": spec.dataset,
+                        "arch": spec.arch,
+                        "patch_size": spec.patch_size,
+                        "n_train": spec.n_train,
+                        "split": split,
+                        "images": images,
+                        "sigma": sigma,
+                        **part[_PSNRS].mean().to_dict(),
+                        "neg_log_density": -px.log_density.mean(),
+                        "neg_log_density_median": -px.log_density.median(),
+                        "log_overlap": px.log_overlap.mean(),
+                        "spearman": spearman(px.log_density, px.disagreement),
+                        "pixels": len(px),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------- smoothing and mass (Sec. 4.4, App. D.4–5)
+#: Labels of :func:`source_map` where no single training image holds the pixel.
+SHARED, DIFFUSE = -1, -2
+
+
+def smoothed(engine, v, sigma: float, eps: float, samples: int, generator=None):
+    """Smoothed LE-MMSE ``E_z f(v + eps z)`` (Sec. 4.4) of pre-inverted measurements ``v``
+    ``(n, C, H, W)`` by Monte Carlo over ``samples`` draws of ``z``, all in one call of a
+    :class:`~lemmse_core.lemmse.LEMMSE` ``engine`` (its keys are reused). The draws are
+    those of :func:`lemmse_core.lemmse.smoothed_le_mmse` with the same ``generator``."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples!r}")
+    v = v.double()
+    z = torch.stack(
+        [torch.randn(v.shape, generator=generator, dtype=v.dtype) for _ in range(samples)]
+    ).to(v.device)
+    queries = (v[None] + eps * z).reshape(-1, *v.shape[1:])
+    out = engine.estimate(queries, sigma).double().reshape(samples, *v.shape)
+    return out.mean(dim=0).to(engine.dtype)
+
+
+def source_map(diag, threshold: float = 0.5) -> torch.Tensor:
+    """Per pixel ``(n, H, W)`` of LE-MMSE diagnostics (``top_k >= 1``): the training image
+    whose patch holds at least ``threshold`` of the weight (the paper's Figs. 23–24),
+    :data:`SHARED` where that patch is repeated (identical terms, e.g. blank background)
+    and :data:`DIFFUSE` where no patch holds ``threshold``."""
+    weight, count = diag.top_weights[..., 0], diag.top_count[..., 0]
+    source = diag.top_image[..., 0].clone().long()
+    source[count > 1] = SHARED
+    source[weight * count < threshold] = DIFFUSE
+    return source
+
+
+def same_source(source: torch.Tensor) -> float:
+    """Fraction of the adjacent pixel pairs (right and down neighbours in ``(..., H, W)``)
+    held by one training image each that share it (the patchwork's contiguity); nan if
+    there are none."""
+    held = source >= 0
+    pairs = same = 0
+    for a, b, ha, hb in (
+        (source[..., :, 1:], source[..., :, :-1], held[..., :, 1:], held[..., :, :-1]),
+        (source[..., 1:, :], source[..., :-1, :], held[..., 1:, :], held[..., :-1, :]),
+    ):
+        both = ha & hb
+        pairs += int(both.sum())
+        same += int((both & (a == b)).sum())
+    return same / pairs if pairs else float("nan")

@@ -25,6 +25,8 @@ TASKS = {
 }
 #: Fields of the training run only (the rest also determines the formula).
 _NETWORK_FIELDS = ("arch", "preset", "steps", "batch_size", "lr", "lr_floor")
+#: Fields that say what to compute, not what the outputs are.
+_EXTRA_FIELDS = ("diagnostics",)
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,12 @@ class Spec:
     ``tikhonov`` (with ``lam``). Evaluation: the first ``eval_train`` training images and
     the first ``eval_test`` test images, at every σ of ``sigmas``, with noise seeded by
     ``seed``. ``size=None`` keeps the native side; ``color`` picks 3 or 1 channels.
+
+    ``eval_dataset``: take the test images from another dataset, at the training images'
+    size and channels (out of distribution, paper Sec. 4.3); the training split stays the
+    in-distribution reference. ``diagnostics``: also cache the formula's per-pixel
+    diagnostics (:meth:`Result.diagnostics`: log-density, stratum rank and the dominant
+    source); they do not change the outputs.
     """
 
     dataset: str = "fashionmnist"
@@ -57,12 +65,19 @@ class Spec:
     eval_test: int = 4
     sigmas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0)
     seed: int = 0
+    eval_dataset: str | None = None
+    diagnostics: bool = False
 
     def __post_init__(self):
         if self.dataset not in data.DATASETS:
             raise ValueError(f"dataset must be one of {data.DATASETS}, got {self.dataset!r}")
-        if not isinstance(self.color, bool):
-            raise TypeError(f"color must be a bool, got {self.color!r}")
+        if self.eval_dataset is not None and self.eval_dataset not in data.DATASETS:
+            raise ValueError(
+                f"eval_dataset must be None or one of {data.DATASETS}, got {self.eval_dataset!r}"
+            )
+        for name in ("color", "diagnostics"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.preinverse not in operators.PREINVERSES:
             raise ValueError(
                 f"preinverse must be one of {operators.PREINVERSES}, got {self.preinverse!r}"
@@ -105,7 +120,10 @@ class Spec:
         ]
         if self.lam is not None:
             parts[-1] += f"{self.lam:g}"
-        return "-".join([*parts, self.arch, f"p{self.patch_size}", f"n{self.n_train}"])
+        parts += [self.arch, f"p{self.patch_size}", f"n{self.n_train}"]
+        if self.eval_dataset is not None:
+            parts.append(f"on{self.eval_dataset}")
+        return "-".join(parts)
 
     def train_config(self) -> train.TrainConfig:
         """The training run of the network."""
@@ -128,8 +146,9 @@ class Spec:
         )
 
     def formula_fields(self) -> dict:
-        """The fields that determine the formula's evaluation (not the network's)."""
-        return {k: v for k, v in self.to_dict().items() if k not in _NETWORK_FIELDS}
+        """The fields that determine the formula's outputs (not the network's)."""
+        skip = _NETWORK_FIELDS + _EXTRA_FIELDS
+        return {k: v for k, v in self.to_dict().items() if k not in skip}
 
     def operators(self, shape) -> tuple:
         """``(A, B)`` for images of ``shape`` ``(C, H, W)``."""
