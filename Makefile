@@ -1,7 +1,7 @@
 # lemmse: build the book, run the tests, open JupyterLab.
 #
 #   make book    set up .venv, fetch MathJax, build the book (executes the notebooks)
-#   make test    ruff, unit tests (tests/), the experiment runs, every notebook with nbval
+#   make test    ruff (package and chapters), unit tests, the experiment runs, every notebook
 #   make runs    train and evaluate the experiment grid of the profile (cached in runs/)
 #   make lab     JupyterLab on book/ (MyST .md notebooks open as notebooks)
 #   make clean   remove _build/
@@ -73,9 +73,11 @@ book: $(STAMP) $(MATHJAX) runs
 		$(PY) -m webbrowser -t "file://$$index" >/dev/null 2>&1 || true; \
 	fi
 
+# ruff on the package, tests and scripts, then on the code cells of the chapters.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(PY) scripts/lint_chapters.py
 
 unit: $(STAMP)
 	$(BIN)/pytest tests --durations=10

@@ -15,6 +15,11 @@ its ratio to each time (``F``: fp32 FLOP/s of a 2048² matmul, ``E``: exp/s of
 ``torch.exp`` on a cache-resident buffer, both best of 5 in the same process just before
 the workload; above 1 means exact savings beat the roofline), the precomputation time and
 the peak memory of the engine (data, keys, one pass).
+
+Diagnostics (``--diag-workloads``, W1 by default): seconds per image of
+``engine(y, σ, diagnostics=True, mass=0.9)`` with ``top_k=1`` and with the default
+``top_k``, and their ratios to the plain engine, all three timed alternately in one loop
+(best of ``--repeat`` each) so that the ratios see the same machine load.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ WORKLOADS = {
 }
 PATCH = 5
 KEOPS_WORKLOADS = ("W1", "W3")
+DIAG_MASS = 0.9  # the mass of the timed diagnostics (PatchDiagnostics.mass_count)
 ERROR_SIGMAS = (0.01, 0.05, 0.2, 1.0)  # float32 error by σ (W1, W3, W4), on 2 images
 
 
@@ -160,7 +166,26 @@ def time_keops(engine, y, sigma):
     return t / len(y), out
 
 
-def run_workload(name, repeat, sigma, rtols, n_images):
+def time_diagnostics(engine, y, sigma, repeat):
+    """Seconds per image: plain engine, diagnostics with ``top_k=1`` and default ``top_k``,
+    timed alternately, best of ``repeat`` each; and the ratios to the plain engine."""
+    runs = {
+        "diag_plain_s": {},
+        "diag_top1_s": dict(diagnostics=True, mass=DIAG_MASS, top_k=1),
+        "diag_s": dict(diagnostics=True, mass=DIAG_MASS),
+    }
+    best = dict.fromkeys(runs, math.inf)
+    for _ in range(repeat):
+        for key, kwargs in runs.items():
+            start = time.perf_counter()
+            engine(y, sigma, **kwargs)
+            best[key] = min(best[key], (time.perf_counter() - start) / len(y))
+    best["diag_top1_ratio"] = best["diag_top1_s"] / best["diag_plain_s"]
+    best["diag_ratio"] = best["diag_s"] / best["diag_plain_s"]
+    return best
+
+
+def run_workload(name, repeat, sigma, rtols, n_images, diag_workloads=("W1",)):
     spec = WORKLOADS[name]
     torch.manual_seed(0)
     train, test, A, B = problem(spec, n_images)
@@ -199,6 +224,8 @@ def run_workload(name, repeat, sigma, rtols, n_images):
         common["keops_s"] = keops_s
         if keops_out is not None:
             common["keops_err"] = (keops_out.double() - ref[:1]).abs().max().item()
+    if name in diag_workloads:
+        common.update(time_diagnostics(engine, y, sigma, repeat))
     if name in ("W1", "W3", "W4"):
         for s in ERROR_SIGMAS:
             ys = A.measure(test[:2], s, generator=torch.Generator().manual_seed(1))
@@ -256,6 +283,18 @@ def print_tables(rows):
             f"{row['distinct_keys'] / row['terms']:.2f} | "
             f"{_fmt(row.get('keops_err', '-'), '.1e')} | {errors or '-'} |"
         )
+    diag = [row for row in rows if "diag_s" in row and row["rtol"] == rows[0]["rtol"]]
+    if diag:
+        print(
+            f"\n| workload | plain s/img | diagnostics s/img, mass={DIAG_MASS}, top_k=1 | ratio "
+            "| diagnostics s/img, default top_k | ratio |"
+        )
+        print("|" + "---|" * 6)
+    for row in diag:
+        print(
+            f"| {row['workload']} | {row['diag_plain_s']:.3f} | {row['diag_top1_s']:.3f} | "
+            f"{row['diag_top1_ratio']:.2f} | {row['diag_s']:.3f} | {row['diag_ratio']:.2f} |"
+        )
 
 
 def main():
@@ -266,11 +305,15 @@ def main():
     parser.add_argument("--rtol", default="0", help="comma-separated pruning tolerances")
     parser.add_argument("--images", type=int, default=8, help="test images per workload")
     parser.add_argument("--json", help="write the rows (one object per workload and rtol)")
+    parser.add_argument(
+        "--diag-workloads", default="W1", help="LE-MMSE workloads timed with diagnostics"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     rtols = [float(r) for r in args.rtol.split(",")]
     if args.one:
-        rows = run_workload(args.one, args.repeat, args.sigma, rtols, args.images)
+        diag = tuple(args.diag_workloads.split(","))
+        rows = run_workload(args.one, args.repeat, args.sigma, rtols, args.images, diag)
         print(json.dumps(rows))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, σ = {args.sigma}, ")
@@ -279,6 +322,7 @@ def main():
     for name in args.workloads.split(","):
         cmd = [sys.executable, __file__, "--one", name, "--repeat", str(args.repeat)]
         cmd += ["--sigma", str(args.sigma), "--rtol", args.rtol, "--images", str(args.images)]
+        cmd += ["--diag-workloads", args.diag_workloads]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             print(f"| {name} | failed: {result.stderr.strip().splitlines()[-1]} |")

@@ -652,6 +652,16 @@ def load(
     return _resize(x, size, resize)
 
 
+def centre_crop(x: torch.Tensor, size) -> torch.Tensor:
+    """The centred ``size`` (an int or ``(height, width)``) crop of images ``(..., H, W)``;
+    an odd margin leaves its extra pixel at the bottom and right."""
+    h, w = (size, size) if isinstance(size, int) else size
+    top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+    if top < 0 or left < 0:
+        raise ValueError(f"size={size} is larger than the images {tuple(x.shape[-2:])}")
+    return x[..., top : top + h, left : left + w].contiguous()
+
+
 def load_labels(
     name: str,
     split: str = "train",
@@ -674,4 +684,12 @@ def load_labels(
     return _load_idx(key, split, n, root, download, "labels").long()
 
 
-__all__ = ["DATASETS", "REGISTRY", "DataFileError", "data_root", "load", "load_labels"]
+__all__ = [
+    "DATASETS",
+    "REGISTRY",
+    "DataFileError",
+    "centre_crop",
+    "data_root",
+    "load",
+    "load_labels",
+]

@@ -81,8 +81,7 @@ _QUERIES = 8192  # queries per pass over a class (bounds the (queries, groups) b
 MASS_BIN = 0.01  # width in nats of the log-weight histogram used by ``mass_count``
 _MASS_RANGE = 50.0  # weights below exp(-50) of the total share the last bin
 _N_BINS = int(_MASS_RANGE / MASS_BIN) + 1
-_DIAG_QUERIES = 1024  # queries per diagnostics block (bounds the (queries, bins) histogram)
-_DIAG_BLOCK = 1 << 17  # per-term log-weights per block of the diagnostics (cache resident)
+_DIAG_QUERIES = 4096  # queries per diagnostics block (bounds the (queries, bins) histogram)
 _BISECTIONS = 12  # steps of the search for the histogram's cap (51 nats / 4096)
 _GUESS_BINS = 3  # margin of the guessed cap of the histogram (bins)
 _UNDERFLOW = 700.0  # a float64 group sum that underflowed is below exp(-745) of its shift
@@ -685,31 +684,46 @@ class LEMMSE:
 
     def _term_bounds(self, cls, w, masses, sigma):
         """``(Q, G)`` upper bounds of the per-term log-weights of each group: the group's
-        log-weight (the estimate pass) or its box bound, whichever is smaller, each widened
-        by a bound on the rounding of the ``dtype`` dot products of both passes."""
+        log-weight (the estimate pass) or the ball bound ``-(‖w - μ_g‖ - R_g)²/(2σ²) - ½ log
+        pdet G`` (``R_g`` the group's radius), whichever is smaller, each widened by a bound
+        on the rounding of the ``dtype`` dot products of both passes."""
         eps = torch.finfo(self.dtype).eps
         radius, size = _group_extent(cls)
-        scale = (torch.cdist(w, cls.means) + radius).pow(2) / sigma**2
-        slack = 8 * eps * ((cls.rank + 4) * scale + size + cls.rank + 4)
-        box = -_box_gap2(w, cls) / (2 * sigma**2) - 0.5 * cls.log_pdet
-        return torch.minimum(masses + slack, box) + slack
+        w2, m2 = w.pow(2).sum(dim=1, keepdim=True), cls.means.pow(2).sum(dim=1)
+        sq, err = w2 + m2 - 2 * w @ cls.means.T, (cls.rank + 4) * _EPS64 * (w2 + m2)
+        near = (sq - err).clamp_(min=0).sqrt_() - radius * (1 + 8 * eps)
+        far = (sq + err).sqrt_() + radius
+        slack = 8 * eps * ((cls.rank + 4) * far.pow_(2) / sigma**2 + size + cls.rank + 4)
+        ball = -near.clamp_(min=0).pow_(2) / (2 * sigma**2) - 0.5 * cls.log_pdet
+        return torch.minimum(masses + slack, ball) + slack
 
     def _scan_class(self, view, sigma, top, hist):
-        """Explicit terms of one class: the seed group (nearest mean), then the groups whose
-        bound beats the k-th weight so far (it only grows, so a skipped group cannot enter
-        the top k) or reaches the histogram's floor (every term it could keep)."""
+        """Explicit terms of one class: the seed group (nearest mean), the groups whose bound
+        reaches the histogram's floor (every term it could keep), then, by decreasing
+        bound in rounds of doubling size, those whose bound beats the k-th weight so far
+        (it only grows, so a group skipped then cannot enter the top k)."""
         rows = view.rows
         done = torch.zeros(view.bound.shape, dtype=torch.bool, device=rows.device)
         if top is not None:
             seed = torch.argmin(torch.cdist(view.w, view.cls.means), dim=1)
             done[torch.arange(len(rows), device=rows.device), seed] = True
             self._scan(view, done, None if hist is None else done, sigma, top, hist)
-        need_top = need_hist = None
-        if top is not None:
-            need_top = (view.bound > top.values[rows, -1:]) & ~done
         if hist is not None:
-            need_hist = (view.bound > hist.floor_at(rows)[:, None]) & ~done
-        self._scan(view, need_top, need_hist, sigma, top, hist)
+            need = (view.bound > hist.floor_at(rows)[:, None]) & ~done
+            beats = None if top is None else need & (view.bound > top.values[rows, -1:])
+            self._scan(view, beats, need, sigma, top, hist)
+            done |= need
+        width = 1
+        while top is not None:
+            left = torch.where(done, -torch.inf, view.bound)
+            left[left <= top.values[rows, -1:]] = -torch.inf
+            best, pick = left.topk(min(width, left.shape[1]), dim=1)
+            need = torch.zeros_like(done).scatter_(1, pick, best > -torch.inf)
+            if not bool(need.any()):
+                return
+            self._scan(view, need, None, sigma, top, None)
+            done |= need
+            width *= 2
 
     def _scan(self, view, need_top, need_hist, sigma, top, hist):
         """Per-term log-weights of the ``(query, group)`` pairs needed by the top-k and the
@@ -720,7 +734,7 @@ class LEMMSE:
         cls, need = view.cls, uses[0][0] | uses[-1][0]
         for g in torch.nonzero(need.any(dim=0)).flatten().tolist():
             (k0, k1), sel = cls.bounds[g], torch.nonzero(need[:, g]).flatten()
-            step = max(1, _DIAG_BLOCK // (k1 - k0))
+            step = max(1, _BLOCK // (k1 - k0))
             for q0 in range(0, len(sel), step):
                 part = sel[q0 : q0 + step]
                 s, offset = self._term_logits(cls, g, view.w[part], sigma)
@@ -885,7 +899,8 @@ class _MassHistogram:
     def __init__(self, rows, cap, log_norm):
         self.rows, self.cap, self.log_norm = rows, cap, log_norm
         self.width = min(int(cap.max()) + 2, _N_BINS) if len(cap) else 1
-        self.bins = torch.zeros(len(rows), self.width, 2, dtype=torch.float64, device=rows.device)
+        self.mass = torch.zeros(len(rows), self.width, dtype=torch.float64, device=rows.device)
+        self.count = torch.zeros_like(self.mass)
         # relative log-weight a term must exceed to land in a bin <= cap (the last: all)
         self.floor = torch.where(cap < _N_BINS - 1, -(cap + 1) * MASS_BIN, -torch.inf)
 
@@ -897,28 +912,33 @@ class _MassHistogram:
         """Terms ``s + offset[:, None]`` (``(Q, K)``, ``s`` in ``dtype``) of keys ``k0:``."""
         slot = torch.searchsorted(self.rows, rows)
         rel = offset - self.log_norm[rows]  # log-weight relative to the total: s + rel
-        floor = self.floor[slot]
-        thr = floor - rel  # kept: s > thr, loosened by the rounding of thr and of its cast
-        thr -= 4 * torch.finfo(s.dtype).eps * thr.abs() + 64 * _EPS64 * (floor.abs() + rel.abs())
-        qi, ki = torch.nonzero(s > thr.to(s.dtype)[:, None], as_tuple=True)
+        kept = s > _lowered(self.floor[slot], rel, s.dtype)[:, None]
+        qi, ki = torch.nonzero(kept, as_tuple=True)
         log_w = s[qi, ki].double().add_(rel[qi])
-        index = torch.div(log_w, -MASS_BIN).floor_().clamp_(0, self.width - 1).long()
+        weight = log_w.exp()
+        index = log_w.div_(-MASS_BIN).floor_().clamp_(0, self.width - 1).long()
         index += (slot * self.width)[qi]
-        terms = torch.ones(len(qi), 2, dtype=torch.float64, device=s.device)
         counts = cls.counts[k0 : k0 + s.shape[1]]
         if bool((counts == 1).all()):
-            terms[:, 0] = log_w.exp_()
+            counts = torch.ones_like(weight)
         else:
-            terms[:, 1] = counts[ki]
-            terms[:, 0] = log_w.exp_().mul_(terms[:, 1])
-        self.bins.view(-1, 2).index_add_(0, index, terms)
+            counts = counts[ki]
+            weight *= counts
+        self.mass.view(-1).scatter_add_(0, index, weight)
+        self.count.view(-1).scatter_add_(0, index, counts)
 
     def counts(self, mass: float):
         """``(mass counts, exact)``: exact where the bins up to ``cap`` hold ``mass``."""
-        counts = _count_from_histogram(self.bins[..., 0], self.bins[..., 1], mass)
-        cap = self.cap.clamp(max=self.width - 1)[:, None]
-        held = self.bins[..., 0].cumsum(dim=1).gather(1, cap)[:, 0]
-        return counts, (held >= mass * (1 - 1e-12)) | (self.cap == _N_BINS - 1)
+        counts, reached = _count_from_histogram(self.mass, self.count, mass)
+        return counts, (reached <= self.cap) | (self.cap == _N_BINS - 1)
+
+
+def _lowered(bar, shift, dtype):
+    """``bar - shift`` (float64) cast to ``dtype`` and lowered by the rounding of both, so
+    that ``s > result`` holds wherever ``s + shift > bar`` does (``s`` in ``dtype``)."""
+    out = bar - shift
+    out -= 4 * torch.finfo(dtype).eps * out.abs() + 64 * _EPS64 * (bar.abs() + shift.abs())
+    return out.to(dtype)
 
 
 def _mass_guess(views, rows, mass, log_norm):
@@ -966,17 +986,19 @@ def _mass_cap(views, rows, mass, log_norm):
     return (-lo / MASS_BIN).floor().long().clamp_(max=_N_BINS - 1)
 
 
-def _count_from_histogram(hist_mass, hist_count, mass: float) -> torch.Tensor:
+def _count_from_histogram(hist_mass, hist_count, mass: float):
+    """Mass counts from per-query histograms, and the first bin where the cumulated mass
+    reaches ``mass`` (the number of bins where it does not)."""
     cum_mass = hist_mass.cumsum(dim=1)
     cum_count = hist_count.cumsum(dim=1)
-    b = torch.searchsorted(cum_mass, torch.full_like(cum_mass[:, :1], mass * (1 - 1e-12)))
-    b = b.clamp(max=hist_mass.shape[1] - 1)
+    reached = torch.searchsorted(cum_mass, torch.full_like(cum_mass[:, :1], mass * (1 - 1e-12)))
+    b = reached.clamp(max=hist_mass.shape[1] - 1)
     prev_mass = torch.where(b > 0, cum_mass.gather(1, (b - 1).clamp(min=0)), 0.0)
     prev_count = torch.where(b > 0, cum_count.gather(1, (b - 1).clamp(min=0)), 0.0)
     bin_mass, bin_count = hist_mass.gather(1, b), hist_count.gather(1, b)
     mean_weight = bin_mass / bin_count.clamp(min=1)
     needed = torch.ceil(((mass - prev_mass) / mean_weight).clamp(min=1) - 1e-9)
-    return (prev_count + torch.minimum(needed, bin_count)).flatten().long()
+    return (prev_count + torch.minimum(needed, bin_count)).flatten().long(), reached[:, 0]
 
 
 class _TopK:
@@ -995,7 +1017,11 @@ class _TopK:
             return
         if self.k == 1:  # the common case: a max is cheaper than a top-k
             vals, idx = s.max(dim=1, keepdim=True)
-        else:
+        else:  # the rows with a term above their k-th so far (rounding-safe), if any
+            hit = s.amax(dim=1) > _lowered(self.values[rows, -1], offset, s.dtype)
+            if not bool(hit.any()):
+                return
+            rows, s, offset = rows[hit], s[hit], offset[hit]
             vals, idx = s.topk(min(self.k, s.shape[1]), dim=1)
         vals = torch.cat([self.values[rows], vals.double() + offset[:, None]], dim=1)
         ids = idx + k0 + self.starts[self.index[id(cls)]]

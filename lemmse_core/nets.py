@@ -94,6 +94,27 @@ def count_parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
+def receptive_window(i: int, j: int, p: int, size: int) -> torch.Tensor:
+    """Boolean ``(size, size)`` mask of the circular ``p × p`` window centred at (i, j)."""
+    rows = torch.arange(i - p // 2, i + p // 2 + 1) % size
+    cols = torch.arange(j - p // 2, j + p // 2 + 1) % size
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask[rows[:, None], cols[None, :]] = True
+    return mask
+
+
+def input_gradient(net: nn.Module, i: int, j: int, size: int, channels: int = 1, seed=1):
+    """``|∂ net(v, σ)[:, :, i, j] / ∂v|`` summed over three random float64 inputs
+    ``(3, channels, size, size)`` (σ = 0.05, 0.4, 1) and the channels: ``(size, size)``;
+    non-zero exactly on the receptive field of pixel (i, j)."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.rand(3, channels, size, size, generator=gen, dtype=torch.float64)
+    v.requires_grad_(True)
+    out = net(v, torch.tensor([0.05, 0.4, 1.0], dtype=torch.float64))
+    (grad,) = torch.autograd.grad(out[:, :, i, j].sum(), v)
+    return grad.abs().sum(dim=(0, 1))
+
+
 # ----------------------------------------------------------------------------- pieces
 
 

@@ -4,16 +4,16 @@ Every map acts on batches of images ``(n, C, H, W)`` and is size-agnostic unless
 a mask. A :class:`LinearMap` knows how to apply itself (``A``), its adjoint, its dense
 matrix (tiny sizes, for tests), and its *structure*, the fact the estimators exploit:
 
-=============  ==========================================  =========================
-``structure``  meaning                                     accessor
-=============  ==========================================  =========================
-``identity``   ``x -> x``                                  none
-``diagonal``   pixel-wise product by a fixed image         :meth:`Diagonal.diagonal`
-``circulant``  circular convolution, same for each channel :meth:`Circulant.transfer`
-``general``    anything else; ``period`` gives the shifts  none
+=============  ===========================================  =========================
+``structure``  meaning                                      accessor
+=============  ===========================================  =========================
+``identity``   ``x -> x``                                   none
+``diagonal``   pixel-wise product by a fixed image          :meth:`Diagonal.diagonal`
+``circulant``  circular convolution, same for each channel  :meth:`Circulant.transfer`
+``general``    anything else; ``period`` gives the shifts   none
                the map commutes with (``B Bᵀ`` for
                super-resolution is ``s``-periodic)
-=============  ==========================================  =========================
+=============  ===========================================  =========================
 
 :meth:`LinearMap.image_support` exposes the structure of the image: where ``Im`` of the map is
 the span of some pixels and the map writes exact zeros elsewhere (identity, diagonal), it
@@ -87,6 +87,15 @@ def _check_shape(shape, name: str = "shape") -> Shape:
     return shape
 
 
+def dense_matrix(fn, in_shape, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Dense matrix ``(M, D)`` of a linear map ``fn`` of batches of images of shape
+    ``in_shape``, on flattened images (tiny sizes): column ``i`` is ``fn(e_i)``."""
+    in_shape = _check_shape(in_shape, "in_shape")
+    d = math.prod(in_shape)
+    basis = torch.eye(d, dtype=dtype).reshape(d, *in_shape)
+    return fn(basis).reshape(d, -1).T.contiguous()
+
+
 def _complex(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if dtype == torch.float64 else torch.complex64
 
@@ -134,10 +143,7 @@ class LinearMap:
 
     def matrix(self, in_shape, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Dense matrix ``(M, D)`` acting on flattened images of shape ``in_shape`` (tiny)."""
-        in_shape = _check_shape(in_shape, "in_shape")
-        d = math.prod(in_shape)
-        basis = torch.eye(d, dtype=dtype).reshape(d, *in_shape)
-        return self.A(basis).reshape(d, -1).T.contiguous()
+        return dense_matrix(self.A, in_shape, dtype)
 
     def noise_gain(self, in_shape) -> float:
         """RMS gain of white noise through the map: ``sqrt(E‖M e‖² / M')`` for

@@ -63,6 +63,7 @@ _QUICK = {
     "cnn": {"check_images": 16},
     # Patch size and dataset size: the runs are ex.grid(study="patch_size" / "dataset_size").
     "sizes": {"shown_sigmas": (0.1, 0.7), "low_sigma": 0.2},
+    "resolution": {"shown_sigmas": (0.2,)},
 }
 _PAPER = {
     "tour": {"n_train": 10000, "patch_size": 5},
@@ -116,6 +117,7 @@ _PAPER = {
     },
     "cnn": {"check_images": 128},
     "sizes": {"shown_sigmas": (0.1, 0.7), "low_sigma": 0.2},
+    "resolution": {"shown_sigmas": (0.2,)},
 }
 
 

@@ -547,3 +547,12 @@ def test_failed_cifar_download_removes_its_folders(tmp_path, no_network):
     with pytest.raises(FileNotFoundError, match="Download failed"):
         data.load("cifar10", root=tmp_path / "new")
     assert not (tmp_path / "new").exists() and no_network
+
+
+def test_centre_crop():
+    x = torch.arange(2 * 3 * 14 * 14, dtype=torch.float64).reshape(2, 3, 14, 14)
+    assert torch.equal(data.centre_crop(x, 4), x[..., 5:9, 5:9])
+    assert torch.equal(data.centre_crop(x, (4, 5)), x[..., 5:9, 4:9])
+    assert torch.equal(data.centre_crop(x, 14), x)
+    with pytest.raises(ValueError, match="larger"):
+        data.centre_crop(x, 15)

@@ -1,4 +1,4 @@
-"""The estimators against brute-force references (tests/reference.py) and the theory.
+"""The estimators against brute-force references (lemmse_core.reference) and the theory.
 
 - exactness: every estimator vs its float64 reference, every operator × pre-inverse;
 - streaming: the LE-MMSE does not depend on the chunk size;
@@ -15,7 +15,10 @@ import math
 
 import pytest
 import torch
-from reference import (
+
+import lemmse_core as lc
+from lemmse_core import operators as ops
+from lemmse_core.reference import (
     EPS64,
     all_shifts,
     mass_count,
@@ -28,9 +31,6 @@ from reference import (
     shift,
     top_terms,
 )
-
-import lemmse_core as lc
-from lemmse_core import operators as ops
 
 SIGMAS = (0.05, 0.3, 1.0)
 N_TRAIN = 4
@@ -675,6 +675,111 @@ def test_le_mmse_top1_is_dominant_source_at_small_sigma():
     h, w = train.shape[-2:]
     grid = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), dim=-1)
     assert (diag.top_location[2, ..., 0, :] == grid).all()
+
+
+# diagnostics with many small key groups, so that the group bounds actually skip pairs
+PRUNE_DIAG_CASES = [
+    ("denoising", "identity", "gray"),
+    ("inpaint_center", "adjoint", "color"),
+    ("blur_gaussian", "pinv", "gray"),
+    ("down_gaussian", "adjoint", "gray"),
+]
+
+
+def _spy_scans(monkeypatch):
+    """Record the number of queries of every explicit (group, block of queries) scan."""
+    scanned = []
+    scan = lc.lemmse.LEMMSE._term_logits
+
+    def spy(self, cls, g, w, sigma):
+        scanned.append(len(w))
+        return scan(self, cls, g, w, sigma)
+
+    monkeypatch.setattr(lc.lemmse.LEMMSE, "_term_logits", spy)
+    return scanned
+
+
+def _unpruned(monkeypatch):
+    """Make the diagnostics scan every (query, group) pair and the whole histogram."""
+    every = lc.lemmse._full_cap
+    monkeypatch.setattr(lc.lemmse, "_mass_guess", every)
+    bounds = lc.lemmse.LEMMSE._term_bounds
+
+    def no_bounds(self, cls, w, masses, sigma):
+        return torch.full_like(bounds(self, cls, w, masses, sigma), torch.inf)
+
+    monkeypatch.setattr(lc.lemmse.LEMMSE, "_term_bounds", no_bounds)
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.3])
+@pytest.mark.parametrize("op_name,kind,color", PRUNE_DIAG_CASES)
+def test_le_mmse_diagnostics_small_groups(op_name, kind, color, sigma, monkeypatch):
+    """Group size 4: the bounds skip groups, and the diagnostics stay those of the
+    reference (top-k, log-density) and of the scan of every term (mass counts, exactly)."""
+    train, A, B, y = problem(op_name, kind, color, sigma)
+    ref = reference("le_mmse", op_name, kind, color, sigma)
+    tol = tolerance("le_mmse", op_name, kind, color)
+    engine = lc.LEMMSE(train, A, P, B, dtype=torch.float64, group_size=4)
+    assert max(len(cls.bounds) for cls in engine.classes) > 1
+    for top_k, q in ((1, 0.9), (5, 0.5)):
+        out, diag = engine(y, sigma, diagnostics=True, mass=q, top_k=top_k)
+        torch.testing.assert_close(out, ref.x_hat, **tol)
+        torch.testing.assert_close(diag.log_density.double(), ref.log_density, **tol)
+        _check_top(diag, ref.weights, top_k, tol if tol is not TOL else None)
+        with monkeypatch.context() as patch:
+            _unpruned(patch)
+            _, every = engine(y, sigma, diagnostics=True, mass=q, top_k=top_k)
+        assert torch.equal(diag.mass_count, every.mass_count)
+        assert torch.equal(diag.top_image, every.top_image)
+        assert torch.equal(diag.top_location, every.top_location)
+        torch.testing.assert_close(diag.top_weights, every.top_weights, rtol=1e-12, atol=0)
+
+
+def test_le_mmse_diagnostics_skip_groups(monkeypatch):
+    """The bounds leave most (query, group) pairs out at a small σ, and all in without them."""
+    train, A, B, y = problem("denoising", "identity", "gray", 0.05)
+    engine = lc.LEMMSE(train, A, P, B, dtype=torch.float64, group_size=4)
+    (cls,) = engine.classes
+    pairs = y.shape[0] * y.shape[-2] * y.shape[-1] * len(cls.bounds)
+    scanned = _spy_scans(monkeypatch)
+    _, diag = engine(y, 0.05, diagnostics=True, mass=0.9, top_k=5)
+    assert 0 < sum(scanned) < pairs / 3
+    scanned.clear()
+    with monkeypatch.context() as patch:
+        _unpruned(patch)
+        _, every = engine(y, 0.05, diagnostics=True, mass=0.9, top_k=5)
+    assert sum(scanned) >= pairs
+    assert torch.equal(diag.mass_count, every.mass_count)
+    assert torch.equal(diag.top_image, every.top_image)
+
+
+@pytest.mark.parametrize("caps", ["guess", "guess and cap"])
+def test_le_mmse_mass_count_fallbacks(caps, monkeypatch):
+    """Caps that prove too tight are redone (with the certified cap, then in full): the
+    counts do not change."""
+    train, A, B, y = problem("inpaint_center", "adjoint", "color", 0.3)
+    engine = lc.LEMMSE(train, A, P, B, dtype=torch.float64, group_size=4)
+    _, diag = engine(y, 0.3, diagnostics=True, mass=0.9, top_k=2)
+
+    def tight(views, rows, mass, log_norm):
+        return torch.zeros_like(rows)
+
+    monkeypatch.setattr(lc.lemmse, "_mass_guess", tight)
+    if caps == "guess and cap":
+        monkeypatch.setattr(lc.lemmse, "_mass_cap", tight)
+    redone = []
+    counts = lc.lemmse._MassHistogram.counts
+
+    def spy(self, mass):
+        out = counts(self, mass)
+        redone.append(int((~out[1]).sum()))
+        return out
+
+    monkeypatch.setattr(lc.lemmse._MassHistogram, "counts", spy)
+    _, again = engine(y, 0.3, diagnostics=True, mass=0.9, top_k=2)
+    assert redone[0] > 0
+    assert torch.equal(again.mass_count, diag.mass_count)
+    assert torch.equal(again.top_image, diag.top_image)
 
 
 # ------------------------------------------------------------------------- bad input

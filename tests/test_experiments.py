@@ -145,6 +145,17 @@ def test_studies_share_the_runs_of_table2():
         ex.grid("quick", "density2")
 
 
+@pytest.mark.parametrize("profile", ["quick", "paper"])
+def test_resolution_study_is_the_three_tasks_at_64(profile):
+    specs = ex.grid(profile, "resolution")
+    assert [s.task_name for s in specs] == ["denoising", "inpainting", "deconvolution"]
+    assert {(s.dataset, s.size, s.color, s.preinverse) for s in specs} == {
+        ("ffhq", 64, True, "identity")
+    }
+    assert ex.select(specs, task="inpainting_center:30")
+    assert len({(s.n_train, s.batch_size, s.steps) for s in specs}) == 1
+
+
 _DIAGNOSED = {
     "fashionmnist-denoising-identity-unet-p5-n1000",
     "cifar10rgb-denoising-identity-unet-p5-n1000",
@@ -222,6 +233,30 @@ def test_diagnostics_are_cached_with_the_formula_and_exact(tmp_path):
     again = run(spec.replace(diagnostics=True), tmp_path)
     assert again.computed == ()
     assert torch.equal(again.diagnostics("test", 0.2).top_image, diag.top_image)
+
+
+@needs("fashionmnist")
+@needs("mnist")
+def test_out_of_distribution_shares_the_training_split(tmp_path, monkeypatch):
+    """The training split of an ``eval_dataset`` spec is that of the in-distribution one:
+    computed once; the test split is its own."""
+    spec = tiny(task="denoising", preinverse="identity")
+    inside = run(spec, tmp_path)
+    calls = []
+    original = lc.LEMMSE.estimate
+
+    def estimate(self, v, sigma, **kwargs):
+        calls.append(sigma)
+        return original(self, v, sigma, **kwargs)
+
+    monkeypatch.setattr(lc.LEMMSE, "estimate", estimate)
+    outside = run(spec.replace(eval_dataset="mnist"), tmp_path)
+    assert calls == list(SIGMAS)  # the test split only
+    for sigma in SIGMAS:
+        a, b = inside.outputs("train", sigma), outside.outputs("train", sigma)
+        assert torch.equal(a.formula, b.formula) and torch.equal(a.net, b.net)
+        assert not torch.equal(inside.outputs("test", sigma).x, outside.outputs("test", sigma).x)
+    assert len(list((tmp_path / "formula").glob("*.pt"))) == 3  # train, test, test (MNIST)
 
 
 @needs("cifar10")

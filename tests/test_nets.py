@@ -10,25 +10,23 @@ from lemmse_core import nets
 SIZE = 14  # > 11, so that every p leaves pixels outside the window
 
 
-def window(i: int, j: int, p: int, size: int = SIZE) -> torch.Tensor:
-    """Boolean ``(size, size)`` mask of the circular ``p × p`` window centred at (i, j)."""
-    r = p // 2
-    rows = torch.arange(i - r, i + r + 1) % size
-    cols = torch.arange(j - r, j + r + 1) % size
-    mask = torch.zeros(size, size, dtype=torch.bool)
-    mask[rows[:, None], cols[None, :]] = True
-    return mask
+def window(i: int, j: int, p: int) -> torch.Tensor:
+    return nets.receptive_window(i, j, p, SIZE)
 
 
 def input_gradient(net, i: int, j: int, channels: int = 1) -> torch.Tensor:
-    """|∂ out[:, :, i, j] / ∂ v| summed over a few random inputs, σ and channels:
-    ``(size, size)``, float64."""
-    gen = torch.Generator().manual_seed(1)
-    v = torch.rand(3, channels, SIZE, SIZE, generator=gen, dtype=torch.float64)
-    v.requires_grad_(True)
-    out = net(v, torch.tensor([0.05, 0.4, 1.0], dtype=torch.float64))
-    (grad,) = torch.autograd.grad(out[:, :, i, j].sum(), v)
-    return grad.abs().sum(dim=(0, 1))
+    return nets.input_gradient(net, i, j, SIZE, channels)
+
+
+def test_receptive_window_wraps_around():
+    mask = nets.receptive_window(0, 13, 3, SIZE)
+    assert mask.sum() == 9
+    assert mask[[13, 0, 1]][:, [12, 13, 0]].all()
+
+
+def test_input_gradient_of_a_pointwise_map_is_one_pixel():
+    grad = nets.input_gradient(lambda v, sigma: 2 * v, 3, 4, SIZE)
+    assert grad[3, 4] == 2 * 3 and grad.sum() == 2 * 3
 
 
 @pytest.mark.parametrize("p", nets.PATCH_SIZES)

@@ -47,16 +47,22 @@ def dense(op, shape):
     return op.matrix(shape)
 
 
-def out_basis(op, shape):
-    m_shape = op.output_shape(shape)
-    m = math.prod(m_shape)
-    return torch.eye(m, dtype=torch.float64).reshape(m, *m_shape), m_shape
-
-
 def apply_dense(fn, op, shape):
     """Dense matrix of ``fn`` (a map from the output space of ``op`` to its input space)."""
-    basis, _ = out_basis(op, shape)
-    return fn(basis).reshape(basis.shape[0], -1).T
+    return ops.dense_matrix(fn, op.output_shape(shape))
+
+
+def test_dense_matrix_columns_are_the_images_of_the_basis():
+    def fn(x):
+        return 3 * x.flip(-1)
+
+    shape = (2, 3, 4)
+    d = math.prod(shape)
+    mat = ops.dense_matrix(fn, shape)
+    basis = torch.eye(d, dtype=torch.float64).reshape(d, *shape)
+    assert mat.shape == (d, d)
+    torch.testing.assert_close(mat.T, fn(basis).reshape(d, d))
+    torch.testing.assert_close(mat @ mat.T, 9 * torch.eye(d, dtype=torch.float64))
 
 
 def rand(shape, n=3, dtype=torch.float64, seed=0):

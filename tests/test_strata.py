@@ -16,13 +16,13 @@ from __future__ import annotations
 import functools
 
 import pytest
-import reference
 import torch
 import torch.nn.functional as F
-from reference import EPS64, operator_matrices, patch_matrix, ref_e_mmse, ref_le_mmse
 
 import lemmse_core as lc
 from lemmse_core import operators as ops
+from lemmse_core import reference
+from lemmse_core.reference import EPS64, operator_matrices, patch_matrix, ref_e_mmse, ref_le_mmse
 
 SIGMA = 0.002
 PLANTED = 1e-9  # relative distance of the planted query to the smaller image
@@ -269,7 +269,7 @@ def test_planted_query_is_not_in_the_smaller_stratum(op_name, kind):
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
     w = shape[2]
     assert int(diag.rank[0, m // w, m % w]) == rank_of(op_name, kind, m)
-    # the case is sensitive: the 1e-6 tolerance of tests/reference.py misplaces the query
+    # the case is sensitive: the 1e-6 tolerance of lemmse_core.reference misplaces the query
     loose = ref_le_mmse(y, train, A, sigma, P, B)
     assert int(loose.rank[0, m // w, m % w]) <= rank_of(op_name, kind, n)
     assert (loose.x_hat - expected).abs().max() > 1e-3

@@ -6,11 +6,13 @@ from a generator seeded by ``(seed, split)`` (the same ``e`` at every σ and for
 network), ``v = B y``, and the outputs of the network (EMA weights) and of the LE-MMSE of
 the same training set, ``p`` and ``B`` (Thm. 3.8).
 
-Caches, both written atomically after every σ (an interrupted evaluation resumes):
+Caches, one file per split, written atomically after every σ (an interrupted evaluation
+resumes), each keyed by the formula fields (:meth:`Spec.formula_fields`) that concern the
+split, fingerprints of the training images and of the split's images, and :data:`VERSION`
+(so an out-of-distribution spec shares its training split with the in-distribution one):
 
 - ``<root>/formula/<key>.pt``: the formula's outputs, shared by every network of the same
-  formula fields (:meth:`Spec.formula_fields`), keyed by those fields, fingerprints of the
-  training and evaluation images and :data:`VERSION`;
+  formula fields;
 - ``<run folder>/eval-<key>.pt``: the network's outputs, beside its training run;
 - ``<root>/formula/<key>-diagnostics.pt``: with ``spec.diagnostics``, the formula's
   per-pixel diagnostics (:class:`Diagnostics`), from the same pass as its outputs.
@@ -41,7 +43,7 @@ from ..metrics import psnr
 from .spec import Spec
 
 # Bump when a change of the evaluation makes cached outputs stale.
-VERSION = 3  # 2: grouped LE-MMSE keys; 3: exact stratum membership (Prop. B.5)
+VERSION = 4  # 2: grouped LE-MMSE keys; 3: exact strata (Prop. B.5); 4: a file per split
 SPLITS = ("train", "test")
 #: The weight fraction of the paper's mass maps (Figs. 20–24; ``LEMMSE.estimate(mass=)``).
 MASS = 0.9
@@ -215,14 +217,37 @@ class _Cache:
         _atomic_save({"key": self.key, "entries": self.entries}, self.path)
 
 
-def _key(spec: Spec, train_images, eval_images) -> str:
-    content = {
-        "formula": spec.formula_fields(),
-        "train": train.fingerprint(train_images),
-        "eval": {s: train.fingerprint(x) for s, x in eval_images.items()},
-        "version": VERSION,
-    }
-    return hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+class _Split:
+    """The :class:`_Cache` of each split, read and written as one."""
+
+    def __init__(self, caches: dict[str, _Cache]):
+        self.caches = caches
+
+    def get(self, split, sigma):
+        return self.caches[split].get(split, sigma)
+
+    def put(self, split, sigma, value, what: str) -> None:
+        self.caches[split].put(split, sigma, value, what)
+
+
+#: Formula fields that only concern the evaluation of the other split.
+_OTHER_SPLIT = {"train": ("eval_test", "eval_dataset"), "test": ("eval_train",)}
+
+
+def _keys(spec: Spec, train_images, eval_images) -> dict[str, str]:
+    """The cache key of each split."""
+    fields, keys = spec.formula_fields(), {}
+    for split, x in eval_images.items():
+        content = {
+            "formula": {k: v for k, v in fields.items() if k not in _OTHER_SPLIT[split]},
+            "split": split,
+            "train": train.fingerprint(train_images),
+            "eval": train.fingerprint(x),
+            "version": VERSION,
+        }
+        digest = hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()
+        keys[split] = digest[:16]
+    return keys
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -301,8 +326,7 @@ def _fill_formula(caches, pending, engine, v, bar, what: str) -> None:
 def _evaluate(spec, run, train_images, eval_images, root, device, progress, computed):
     A, B = spec.operators(tuple(train_images.shape[1:]))
     images = _measurements(spec, A, B, eval_images)
-    key = _key(spec, train_images, eval_images)
-    caches = _caches(spec, run.path, root, key)
+    caches = _caches(spec, run.path, root, _keys(spec, train_images, eval_images))
     pending = {what: _pending(cache, spec, eval_images) for what, cache in caches.items()}
     formula = sorted(set(pending["formula"]) | set(pending.get("diagnostics", ())))
     total = len(formula) + len(pending["net"])
@@ -348,15 +372,16 @@ def _evaluate(spec, run, train_images, eval_images, root, device, progress, comp
     return images, outputs
 
 
-def _caches(spec: Spec, run_folder: Path, root, key: str) -> dict:
+def _caches(spec: Spec, run_folder: Path, root, keys: dict[str, str]) -> dict:
+    """``{what: _Split}``: the formula's and the network's outputs (and diagnostics)."""
     formula = train.run_root(root) / "formula"
-    caches = {
-        "formula": _Cache(formula / f"{key}.pt", key),
-        "net": _Cache(run_folder / f"eval-{key}.pt", key),
-    }
+    paths = {"formula": formula / "{}.pt", "net": run_folder / "eval-{}.pt"}
     if spec.diagnostics:
-        caches["diagnostics"] = _Cache(formula / f"{key}-diagnostics.pt", key)
-    return caches
+        paths["diagnostics"] = formula / "{}-diagnostics.pt"
+    return {
+        what: _Split({s: _Cache(Path(str(path).format(k)), k) for s, k in keys.items()})
+        for what, path in paths.items()
+    }
 
 
 def _table(spec: Spec, images: dict, outputs: dict) -> pd.DataFrame:
@@ -424,8 +449,7 @@ def _finished(spec, config, train_images, eval_images, root) -> bool:
     folder = train.run_dir(config, train_images, root)
     if not (folder / train.DONE).exists():
         return False
-    key = _key(spec, train_images, eval_images)
-    caches = _caches(spec, folder, root, key)
+    caches = _caches(spec, folder, root, _keys(spec, train_images, eval_images))
     return not any(_pending(c, spec, eval_images) for c in caches.values())
 
 

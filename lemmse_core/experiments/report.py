@@ -6,11 +6,11 @@ from __future__ import annotations
 import itertools
 import math
 
-import numpy as np
 import pandas as pd
 import torch
 
 from ..metrics import psnr
+from ..stats import spearman
 from .engine import SPLITS
 
 _PSNRS = ["psnr_net_formula", "psnr_formula_truth", "psnr_net_truth", "psnr_input_truth"]
@@ -127,16 +127,6 @@ def sweep_difference(
 # ----------------------------------- density and out of distribution (Figs. 6, 7, 17, 25)
 
 
-def spearman(a, b) -> float:
-    """Spearman's rank correlation of two sequences of the same length: the Pearson
-    correlation of their ranks, ties getting their average rank (no scipy needed); NaN
-    when either sequence is constant."""
-    a, b = (pd.Series(np.asarray(s, dtype=np.float64).ravel()) for s in (a, b))
-    if len(a) != len(b):
-        raise ValueError(f"a and b must have the same length, got {len(a)} and {len(b)}")
-    return float(a.rank().corr(b.rank()))
-
-
 def pixels(result, split: str, sigma: float) -> pd.DataFrame:
     """One row per pixel of the ``split`` images of ``result`` (a spec with diagnostics)
     at ``sigma``: ``image``, ``row``, ``col``, the formula's ``log_density`` (the LE-MMSE
@@ -144,7 +134,7 @@ def pixels(result, split: str, sigma: float) -> pd.DataFrame:
     ``log_overlap`` = ``log_density + (r/2) log(2πσ²) + log(N |Ω|)``, the log-density
     relative to the peak of one term of the mixture (for denoising, the log of
     ``Σ_{n,k} exp(−‖u − Π_n x_k‖² / 2σ²)``, at most ``log(N |Ω|)``: comparable across σ),
-    and the ``disagreement`` |net − formula| (mean over the channels)."""
+    and the ``disagreement`` ``|net − formula|`` (mean over the channels)."""
     out, diag = result.outputs(split, sigma), result.diagnostics(split, sigma)
     gap = (out.net.double() - out.formula.double()).abs().mean(dim=1)
     if diag.log_density.shape != gap.shape:
@@ -167,7 +157,7 @@ def density(results) -> pd.DataFrame:
     come from: ``eval_dataset`` for the test split), the mean over the images of the PSNRs,
     the mean and median over the pixels of the negative log-density of the measurement
     patches, the mean of ``log_overlap`` (:func:`pixels`), and ``spearman``, Spearman's ρ
-    over the pixels between the log-density and |net − formula| (ρ < 0: the agreement
+    over the pixels between the log-density and ``|net − formula|`` (ρ < 0: the agreement
     degrades where the density is low, the paper's Sec. 4.2). A split evaluated by several
     results with the same network and images (the training split of an in- and an
     out-of-distribution spec) appears once.

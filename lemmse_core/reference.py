@@ -1,17 +1,18 @@
-"""Brute-force float64 references for the estimators, straight from THEORY.md.
+"""Slow, exact definitions of the estimators: the brute-force float64 references.
 
-Dense matrices and explicit Python loops: clarity over speed, tiny problems only. Nothing
-here comes from ``lemmse_core.estimators`` or ``lemmse_core.lemmse``; the operators are only
-used for their dense matrices (``.matrix``) and shapes.
+Each estimator of the paper transcribed from its definition with dense matrices, tiny
+problems only; the tests check the fast engines (:mod:`lemmse_core.estimators`,
+:mod:`lemmse_core.lemmse`) against them and the chapters use them as the direct
+implementation. Nothing here comes from those engines; the operators are only used for
+their dense matrices (``.matrix``) and shapes.
 
 Conventions (THEORY.md, "Notation"):
 
 - images ``(C, H, W)`` are flattened row-major over ``(C, H, W)``;
 - shifts ``(T_g x)[n] = x[n - g]`` = ``torch.roll(x, shifts=g, dims=(-2, -1))``;
 - patches ``(Π_n x)[c, o] = x[c, n + o]``, ``o ∈ {-p//2 … p//2}²``, circular;
-- for a PSD matrix ``G``: ``G⁺ = pinv(G, hermitian=True)``, ``rank = matrix_rank(G,
-  hermitian=True)`` and ``pdet`` = product of the eigenvalues above ``size · eps · λ_max``,
-  all with the default tolerances of ``torch.linalg``;
+- for a PSD matrix ``G``: ``G⁺ = pinv(G, hermitian=True)``; ``rank`` and ``pdet`` count and
+  multiply the eigenvalues above ``size · eps · λ_max`` (the cut of ``torch.linalg``);
 - for a dense ``B``: ``B⁺ = pinv(B)``, ``P_B = B⁺B`` and ``(BBᵀ)⁺ = (B⁺)ᵀB⁺``;
 - support test ``u ∈ Im G``: ``‖(I - G G⁺) u‖ <= 1e-6 ‖u‖`` (so ``u = 0`` is always in);
 - softmax weights by log-sum-exp in float64 (subtract the max).
@@ -26,7 +27,7 @@ import torch
 
 EPS64 = torch.finfo(torch.float64).eps
 SUPPORT_RTOL = 1e-6
-
+BLOCK = 2**22  # entries of the largest difference tensor of one LE-MMSE block
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -82,41 +83,47 @@ def operator_matrices(train: torch.Tensor, A, B=None) -> tuple[torch.Tensor, tor
     return a_mat, b_mat
 
 
-def log_softmax_weights(logits: torch.Tensor) -> torch.Tensor:
-    """Normalised weights ``exp(ℓ_i - logsumexp ℓ)`` (``-inf`` logits get weight 0)."""
+def softmax_weights(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Normalised weights ``exp(ℓ_i - logsumexp ℓ)`` along ``dim`` (``-inf``: weight 0)."""
     logits = logits.double()
-    top = logits.max()
-    w = torch.exp(logits - top)
-    return w / w.sum()
+    w = torch.exp(logits - logits.amax(dim=dim, keepdim=True))
+    return w / w.sum(dim=dim, keepdim=True)
 
 
-def logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    top = logits.max()
-    return top + torch.log(torch.exp(logits - top).sum())
+def logsumexp(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``log Σ_i exp ℓ_i`` along ``dim``, by subtracting the max."""
+    top = logits.amax(dim=dim, keepdim=True)
+    return (top + torch.log(torch.exp(logits - top).sum(dim=dim, keepdim=True))).squeeze(dim)
 
 
 def psd_pinv(g: torch.Tensor) -> torch.Tensor:
+    """``G⁺`` of a PSD matrix (``torch.linalg.pinv``, default cut)."""
     return torch.linalg.pinv(g, hermitian=True)
 
 
+def psd_eigenvalues(g: torch.Tensor) -> torch.Tensor:
+    """The eigenvalues of a PSD ``G`` above ``size · eps64 · λ_max`` (none if ``G = 0``)."""
+    lam = torch.linalg.eigvalsh(g)
+    return lam[lam > g.shape[0] * EPS64 * lam.max().clamp(min=0)]
+
+
 def psd_rank(g: torch.Tensor) -> int:
-    return int(torch.linalg.matrix_rank(g, hermitian=True))
+    """``rank G``: the number of eigenvalues above the cut."""
+    return psd_eigenvalues(g).numel()
 
 
 def psd_log_pdet(g: torch.Tensor) -> float:
-    """``log pdet G``: eigenvalues above ``size · eps64 · λ_max`` (empty product = 1)."""
-    lam = torch.linalg.eigvalsh(g)
-    top = lam.max()
-    if top <= 0:
-        return 0.0
-    keep = lam > g.shape[0] * EPS64 * top
-    return float(torch.log(lam[keep]).sum())
+    """``log pdet G`` (Def. A.1): eigenvalues above the cut (empty product = 1)."""
+    return float(torch.log(psd_eigenvalues(g)).sum())
 
 
-def in_image(g: torch.Tensor, g_pinv: torch.Tensor, u: torch.Tensor) -> bool:
-    """Support test ``u ∈ Im G``: ``‖(I - G G⁺) u‖ <= 1e-6 ‖u‖``."""
-    resid = u - g @ (g_pinv @ u)
-    return bool(torch.linalg.vector_norm(resid) <= SUPPORT_RTOL * torch.linalg.vector_norm(u))
+def in_image(off_image: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Support test ``u ∈ Im G``, ``‖(I - G G⁺) u‖ <= 1e-6 ‖u‖``, from ``off_image = I - GG⁺``.
+
+    Batched: ``off_image (..., P, P)`` and ``u (..., P)`` broadcast.
+    """
+    resid = torch.linalg.vector_norm((off_image @ u[..., None])[..., 0], dim=-1)
+    return resid <= SUPPORT_RTOL * torch.linalg.vector_norm(u, dim=-1)
 
 
 def measurement_projector(b_mat: torch.Tensor) -> torch.Tensor:
@@ -187,7 +194,7 @@ def ref_mmse(y, train, A, sigma: float, B=None) -> GlobalRef:
     for i in range(n_query):
         resid = (ys[i][None, :] - xs @ a_mat.T) @ proj.T  # row k: P_B (y - A x_k)
         logits = -resid.square().sum(dim=1) / (2 * sigma**2)
-        w = log_softmax_weights(logits)
+        w = softmax_weights(logits)
         weights[i] = w
         x_hat[i] = w @ xs
     return _global_result(x_hat.reshape(n_query, *train.shape[1:]), weights)
@@ -210,7 +217,7 @@ def ref_augmented_mmse(y, train, A, sigma: float, B=None) -> GlobalRef:
         for gi in range(len(shifts)):
             resid = (ys[i][None, :] - values[gi] @ a_mat.T) @ proj.T  # P_B (y - A T_g x_k)
             logits[gi] = -resid.square().sum(dim=1) / (2 * sigma**2)
-        wts = log_softmax_weights(logits.flatten()).reshape(len(shifts), n_train)
+        wts = softmax_weights(logits.flatten()).reshape(len(shifts), n_train)
         weights[i] = wts.reshape(h, w, n_train)
         x_hat[i] = (wts[..., None] * values).sum(dim=(0, 1))
     return _global_result(x_hat.reshape(n_query, *train.shape[1:]), weights)
@@ -223,6 +230,7 @@ def ref_e_mmse(y, train, A, sigma: float, B=None) -> GlobalRef:
     """
     a_mat, b_mat = operator_matrices(train, A, B)
     gram, gram_pinv = metric_of_preinverse(b_mat)
+    off_image = torch.eye(len(gram), dtype=torch.float64) - gram @ gram_pinv
     shape = tuple(train.shape[1:])
     train = train.double()
     xs = flat(train)
@@ -237,13 +245,13 @@ def ref_e_mmse(y, train, A, sigma: float, B=None) -> GlobalRef:
         logits = torch.full((len(shifts), n_train), -torch.inf, dtype=torch.float64)
         for gi, g in enumerate(shifts):
             u = shift(v[i], (-g[0], -g[1])).flatten()  # T_g⁻¹ v
-            if not in_image(gram, gram_pinv, u):
+            if not in_image(off_image, u):
                 continue
             d = u[None, :] - keys  # row k: T_g⁻¹v - BAx_k
             logits[gi] = -((d @ gram_pinv) * d).sum(dim=1) / (2 * sigma**2)
         if torch.isneginf(logits).all():
             raise ValueError("no shift g with T_g⁻¹ v in Im B")
-        wts = log_softmax_weights(logits.flatten()).reshape(len(shifts), n_train)
+        wts = softmax_weights(logits.flatten()).reshape(len(shifts), n_train)
         weights[i] = wts.reshape(h, w, n_train)
         for gi, g in enumerate(shifts):
             x_hat[i] += wts[gi] @ flat(shift(train, g))
@@ -254,85 +262,96 @@ def ref_e_mmse(y, train, A, sigma: float, B=None) -> GlobalRef:
 
 
 @dataclass
-class _Location:
-    """Per-location quantities of ``Q_n = Π_n B``."""
+class Locations:
+    """``Q_n = Π_n B`` and the training terms at every location ``n``, stacked over the
+    locations (row-major, index ``l = i·W + j``)."""
 
-    gram: torch.Tensor  # Q_n Q_nᵀ (P, P)
-    gram_pinv: torch.Tensor  # (Q_n Q_nᵀ)⁺
-    rank: int
-    log_pdet: float
-    keys: torch.Tensor  # (N, P): Q_n A x_k
+    q: torch.Tensor  # Q_n (L, P, M)
+    gram_pinv: torch.Tensor  # (Q_n Q_nᵀ)⁺ (L, P, P)
+    off_image: torch.Tensor  # I - (Q_n Q_nᵀ)(Q_n Q_nᵀ)⁺ (L, P, P)
+    rank: torch.Tensor  # rank(Q_n Q_nᵀ) (L,)
+    log_pdet: torch.Tensor  # log pdet(Q_n Q_nᵀ) (L,)
+    keys: torch.Tensor  # Q_n A x_k (L, N, P)
+    centres: torch.Tensor  # x_k[:, n] (L, N, C)
+
+
+def locations(train, A, p: int, B=None) -> Locations:
+    """The :class:`Locations` of the LE-MMSE of ``train`` for ``A``, ``B`` and ``p × p``
+    patches (Thm. 3.8)."""
+    a_mat, b_mat = operator_matrices(train, A, B)
+    shape = tuple(train.shape[1:])
+    patches = torch.stack([patch_matrix(shape, n, p) for n in all_shifts(*shape[1:])])
+    q = patches @ b_mat
+    gram = q @ q.transpose(1, 2)
+    gram_pinv = torch.stack([psd_pinv(g) for g in gram])
+    eye = torch.eye(gram.shape[1], dtype=torch.float64)
+    return Locations(
+        q=q,
+        gram_pinv=gram_pinv,
+        off_image=eye - gram @ gram_pinv,
+        rank=torch.tensor([psd_rank(g) for g in gram]),
+        log_pdet=torch.tensor([psd_log_pdet(g) for g in gram], dtype=torch.float64),
+        keys=torch.einsum("lpm,km->lkp", q, flat(train) @ a_mat.T),
+        centres=train.double().flatten(2).permute(2, 0, 1),
+    )
+
+
+def le_mmse_log_terms(u: torch.Tensor, loc: Locations, sigma: float):
+    """Degenerate Gaussian log-densities ``log N(u; Q_nAx_k, σ²Q_nQ_nᵀ)`` (Def. A.1) of the
+    query patches ``u (Q, P)``: ``(Q, L, N)``, ``-inf`` outside the stratum ``S(u)``
+    (Prop. B.5); and the stratum rank ``r(u)`` ``(Q,)``."""
+    admissible = in_image(loc.off_image, u[:, None, :])  # u ∈ Im Q_n, (Q, L)
+    if not admissible.any(dim=1).all():
+        raise ValueError("a query patch lies in no Im Q_n")
+    rank = torch.where(admissible, loc.rank, loc.rank.max() + 1).amin(dim=1)
+    stratum = admissible & (loc.rank == rank[:, None])
+    d = u[:, None, None, :] - loc.keys  # (Q, L, N, P)
+    quad = torch.einsum("qlkp,lpr,qlkr->qlk", d, loc.gram_pinv, d)
+    log_gauss = 0.5 * math.log(2 * math.pi * sigma**2)  # of one dimension
+    log_norm = 0.5 * loc.log_pdet[:, None] + rank[:, None, None].double() * log_gauss
+    terms = -quad / (2 * sigma**2) - log_norm
+    return terms.masked_fill(~stratum[:, :, None], -math.inf), rank
+
+
+def _logits(terms: torch.Tensor, loc: Locations, include_pdet: bool) -> torch.Tensor:
+    """Log-weights up to a constant; without ``-½ log pdet`` if ``include_pdet`` is False."""
+    return terms if include_pdet else terms + 0.5 * loc.log_pdet[:, None]
+
+
+def le_mmse_log_weights(u, loc: Locations, sigma: float, *, include_pdet: bool = True):
+    """Normalised log-weights ``log w_{n,k}(u)`` ``(Q, L, N)`` of (7) on the stratum
+    (Thm. 3.8, Prop. B.5); ``include_pdet=False`` drops the pdet term (wrong on purpose)."""
+    logits = _logits(le_mmse_log_terms(u, loc, sigma)[0], loc, include_pdet)
+    return logits - logsumexp(logits.flatten(1))[:, None, None]
 
 
 def ref_le_mmse(
     y, train, A, sigma: float, p: int, B=None, *, include_pdet: bool = True
 ) -> LocalRef:
-    """LE-MMSE (Thm. 3.8, Prop. B.5), pixel by pixel from the definition.
+    """LE-MMSE (Thm. 3.8, Prop. B.5) from the definition, every output pixel ``m`` apart.
 
-    For output pixel ``m``: ``u = Π_m v``, ``v = B y``; among the locations ``n`` with
-    ``u ∈ Im Q_n`` keep those of minimal ``rank(Q_nQ_nᵀ)``; log-weights
-    ``ℓ_{n,k} = -(u - Q_nAx_k)ᵀ (Q_nQ_nᵀ)⁺ (u - Q_nAx_k) / (2σ²) - ½ log pdet(Q_nQ_nᵀ)``;
-    output ``Σ w_{n,k} x_k[:, n]``. ``include_pdet=False`` drops the pdet term from the
-    weights (a deliberately wrong variant, for the test that shows the term matters); the
-    log-density always includes it.
+    For output pixel ``m``: ``u = Π_m v``, ``v = B y``; the weights of
+    :func:`le_mmse_log_weights` and the output ``Σ w_{n,k} x_k[:, n]``.
+    ``include_pdet=False`` drops the pdet term from the weights (a deliberately wrong
+    variant); the log-density always includes it.
     """
-    a_mat, b_mat = operator_matrices(train, A, B)
-    shape = tuple(train.shape[1:])
-    c, h, w = shape
-    train = train.double()
-    xs = flat(train)
-    n_query, n_train = y.shape[0], xs.shape[0]
-    v = flat(y) @ b_mat.T  # (n, D): v = B y
-    ax = xs @ a_mat.T  # (N, M): A x_k
-    pixels = all_shifts(h, w)  # locations n = (i, j), row-major
-
-    patches = {n: patch_matrix(shape, n, p) for n in pixels}  # Π_n
-    locations = []  # in the order of ``pixels``
-    for n in pixels:
-        q = patches[n] @ b_mat  # Q_n (P, M)
-        gram = q @ q.T
-        rank = psd_rank(gram)
-        lam = torch.linalg.eigvalsh(gram)
-        n_kept = int((lam > gram.shape[0] * EPS64 * lam.max()).sum()) if lam.max() > 0 else 0
-        assert n_kept == rank, "matrix_rank and the pdet cut disagree"
-        locations.append(_Location(gram, psd_pinv(gram), rank, psd_log_pdet(gram), ax @ q.T))
-    # The same quantities stacked over the locations, index l = i·W + j:
-    eye = torch.eye(c * p * p, dtype=torch.float64)
-    off_image = torch.stack([eye - loc.gram @ loc.gram_pinv for loc in locations])  # I - GG⁺
-    gram_pinv = torch.stack([loc.gram_pinv for loc in locations])  # (L, P, P)
-    rank = torch.tensor([loc.rank for loc in locations])  # (L,)
-    log_pdet = torch.tensor([loc.log_pdet for loc in locations], dtype=torch.float64)
-    keys = torch.stack([loc.keys for loc in locations])  # (L, N, P): Q_n A x_k
-    centres = torch.stack([train[:, :, n[0], n[1]] for n in pixels])  # (L, N, C): x_k[:, n]
-
-    log_gauss = 0.5 * math.log(2 * math.pi * sigma**2)
-    x_hat = torch.zeros(n_query, c, h, w, dtype=torch.float64)
-    log_density = torch.zeros(n_query, h, w, dtype=torch.float64)
-    ranks = torch.zeros(n_query, h, w, dtype=torch.long)
-    weights = torch.zeros(n_query, h, w, h * w, n_train, dtype=torch.float64)
-    for i in range(n_query):
-        for m in pixels:
-            u = patches[m] @ v[i]
-            # support test u ∈ Im Q_n for every n at once (u = 0 passes everywhere)
-            resid = torch.linalg.vector_norm(off_image @ u, dim=1)
-            admissible = resid <= SUPPORT_RTOL * torch.linalg.vector_norm(u)
-            if not admissible.any():
-                raise ValueError(f"query patch at {m} lies in no Im Q_n")
-            r = int(rank[admissible].min())
-            contributing = admissible & (rank == r)  # Prop. B.5: minimal-rank stratum
-            d = u - keys[contributing]  # (L', N, P)
-            quad = ((d @ gram_pinv[contributing]) * d).sum(dim=2)
-            ell = -quad / (2 * sigma**2)
-            half_log_pdet = 0.5 * log_pdet[contributing][:, None]
-            logits = ell - half_log_pdet if include_pdet else ell
-            wts = log_softmax_weights(logits.flatten()).reshape(logits.shape)
-            weights[i, m[0], m[1], contributing] = wts
-            x_hat[i, :, m[0], m[1]] = torch.einsum("lk,lkc->c", wts, centres[contributing])
-            dens = ell - half_log_pdet - r * log_gauss  # log N(u; Q_nAx_k, σ²Q_nQ_nᵀ)
-            log_density[i, m[0], m[1]] = logsumexp(dens.flatten()) - math.log(n_train * h * w)
-            ranks[i, m[0], m[1]] = r
-    weights = weights.reshape(n_query, h, w, h, w, n_train)
-    return LocalRef(x_hat, log_density, ranks, weights)
+    loc = locations(train, A, p, B)
+    n_query, (c, h, w), n_train = y.shape[0], train.shape[1:], train.shape[0]
+    u = torch.einsum("lpm,qm->qlp", loc.q, flat(y)).flatten(0, 1)  # Π_m B y
+    parts = []
+    for chunk in u.split(max(1, BLOCK // loc.keys.numel())):
+        terms, rank = le_mmse_log_terms(chunk, loc, sigma)
+        wts = softmax_weights(_logits(terms, loc, include_pdet).flatten(1))
+        x_hat = wts @ loc.centres.flatten(0, 1)  # Σ w_{n,k} x_k[:, n]
+        log_density = logsumexp(terms.flatten(1)) - math.log(n_train * h * w)
+        parts.append((x_hat, log_density, rank, wts))
+    x_hat, log_density, rank, wts = (torch.cat(part) for part in zip(*parts, strict=True))
+    return LocalRef(
+        x_hat.reshape(n_query, h, w, c).permute(0, 3, 1, 2),
+        log_density.reshape(n_query, h, w),
+        rank.reshape(n_query, h, w),
+        wts.reshape(n_query, h, w, h, w, n_train),
+    )
 
 
 # -------------------------------------------------------------- derived diagnostics
