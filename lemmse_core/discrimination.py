@@ -26,9 +26,7 @@ import torch
 
 from .checks import check_images, check_setup, check_sigma
 from .operators import LinearMap
-from .patches import check_patch_size, extract_patches
-
-_EPS64 = torch.finfo(torch.float64).eps
+from .patches import check_patch_size, extract_patches, whitening
 
 
 @dataclass
@@ -94,18 +92,6 @@ def patch_grams(
     return bbt[index[:, :, None], index[:, None, :]]
 
 
-def whitening(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """``(W, log pdet)`` with ``Wᵀ W = G⁺`` for a PSD ``G`` ``(P, P)``; ``W`` is ``(r, P)``.
-
-    Eigenvalues at or below ``P · eps(float64) · λ_max`` count as zero (``r`` = the rank).
-    """
-    lam, vec = torch.linalg.eigh(gram.double())
-    top = max(lam.max().item(), 0.0)
-    keep = lam > top * gram.shape[0] * _EPS64 if top > 0 else torch.zeros_like(lam).bool()
-    lam, vec = lam[keep], vec[:, keep]
-    return (vec / lam.sqrt()).T.contiguous(), float(lam.log().sum())
-
-
 def discrimination(
     x: torch.Tensor,
     train: torch.Tensor,
@@ -148,7 +134,7 @@ def discrimination(
     rank = torch.zeros(len(locations), dtype=torch.long)
     for u in range(int(inverse.max()) + 1):
         cols = torch.nonzero(inverse == u).flatten()
-        white, _ = whitening(grams[cols[0]])
+        white, _, _ = whitening(grams[cols[0]])
         rank[cols] = white.shape[0]
         if white.shape[0] == 0:
             continue

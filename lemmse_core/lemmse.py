@@ -64,7 +64,7 @@ from .checks import (
     measurement_norm,
 )
 from .operators import LinearMap, image_rounding
-from .patches import check_patch_size, extract_patches, patch_at
+from .patches import check_patch_size, extract_patches, patch_at, whitening
 from .streaming import StreamingSoftmax
 
 _EPS64 = torch.finfo(torch.float64).eps
@@ -247,15 +247,6 @@ def _patch_gram(B: LinearMap, shape, p: int, location: int):
     return patch_at(B.A(rows), p, i, j).T, rows  # column idx = G e_idx; symmetric
 
 
-def _whitening(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(W, U_r, log pdet)`` of a PSD matrix, cut at ``size · eps · λ_max``."""
-    lam, vec = torch.linalg.eigh(gram)
-    cut = max(lam.max().item(), 0.0) * gram.shape[0] * _EPS64
-    keep = lam > cut if lam.max() > 0 else torch.zeros_like(lam, dtype=torch.bool)
-    lam, vec = lam[keep], vec[:, keep]
-    return (vec / lam.sqrt()).T.contiguous(), vec, float(lam.log().sum())
-
-
 def _tree_groups(keys: torch.Tensor, rows: torch.Tensor, size: int):
     """Groups of at most ``size`` of ``keys[rows]``: recursive bisection at the median of
     the principal direction. Returns ``(order, bounds)``: ``rows[order]`` lists the groups
@@ -401,7 +392,7 @@ class LEMMSE:
         for label in torch.unique(labels):
             locations = torch.nonzero(labels == label).flatten()
             gram, rows = _patch_gram(self.B, self.shape, self.p, int(locations[0]))
-            whiten, basis, log_pdet = _whitening(gram)
+            whiten, basis, log_pdet = whitening(gram)
             cls = _Class(locations, whiten, basis, log_pdet)
             cls.set_image(rows, None if support is None else support[locations[0]])
             classes.append(cls)
@@ -844,6 +835,27 @@ class LEMMSE:
         y = check_measurement(y, self.train, self.y_shape)
         return self.estimate(self.B.A(y.double()), sigma, **kwargs)
 
+    def smoothed(
+        self,
+        v: torch.Tensor,
+        sigma: float,
+        eps: float,
+        samples: int,
+        generator: torch.Generator | None = None,
+        *,
+        chunk_size: int | None = None,
+    ) -> torch.Tensor:
+        """Smoothed LE-MMSE ``E_z f(v + eps z)`` (Sec. 4.4) of network inputs ``v``, by
+        Monte Carlo over ``samples`` draws of ``z`` (one ``v``-shaped draw after the other
+        from ``generator``), all estimated in one call with the precomputed keys."""
+        eps = check_sigma(eps, "eps")
+        samples = check_int(samples, "samples", low=1)
+        v = v.double()
+        z = [torch.randn(v.shape, generator=generator, dtype=v.dtype) for _ in range(samples)]
+        queries = (v[None] + eps * torch.stack(z).to(v.device)).flatten(0, 1)
+        out = self.estimate(queries, sigma, chunk_size=chunk_size).double()
+        return out.reshape(samples, *v.shape).mean(dim=0).to(self.dtype)
+
 
 def _query_rounding(v: torch.Tensor, p: int) -> torch.Tensor:
     """Per query patch of ``v (n, C, H, W)``: ``eps(v.dtype) · sqrt(P) · max|v|`` over its
@@ -1093,23 +1105,21 @@ def smoothed_le_mmse(
     A,
     sigma: float,
     patch_size: int,
+    B: LinearMap | None = None,
+    *,
     eps: float,
     samples: int,
-    B: LinearMap | None = None,
     generator: torch.Generator | None = None,
-    *,
     dtype: torch.dtype = torch.float32,
     chunk_size: int | None = None,
 ):
-    """Smoothed LE-MMSE ``E_z f(v + eps z)`` (Sec. 4.4) by Monte Carlo over ``samples`` z."""
+    """Smoothed LE-MMSE ``E_z f(v + eps z)`` (Sec. 4.4) of ``y``, ``v = B y``, by Monte
+    Carlo over ``samples`` draws of ``z`` (:meth:`LEMMSE.smoothed`); the arguments before
+    ``eps`` are those of :func:`le_mmse`."""
     check_sigma(sigma, dtype=check_dtype(dtype))  # the rest of its range: by estimate
-    eps = check_sigma(eps, "eps")
-    samples = check_int(samples, "samples", low=1)
+    check_sigma(eps, "eps")
+    check_int(samples, "samples", low=1)
     check_lemmse_options(chunk_size=chunk_size)
     engine = LEMMSE(train, A, patch_size, B, dtype=dtype)
     v = engine.B.A(check_measurement(y, train, engine.y_shape).double())
-    total = torch.zeros_like(v)
-    for _ in range(samples):
-        z = torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device)
-        total += engine.estimate(v + eps * z, sigma, chunk_size=chunk_size).double()
-    return (total / samples).to(dtype)
+    return engine.smoothed(v, sigma, eps, samples, generator, chunk_size=chunk_size)

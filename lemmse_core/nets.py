@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_bool, check_int, check_noise_levels, check_real, check_tensor
+from .patches import check_patch_size
 
 NETS = ("unet", "resnet", "patchmlp")
 PRESETS = ("tiny", "small", "paper")
@@ -80,13 +81,6 @@ def _check_preset(size) -> str:
     if size not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {size!r}")
     return size
-
-
-def _check_patch_size(patch_size) -> int:
-    patch_size = check_int(patch_size, "patch_size")  # Python or NumPy int, not bool
-    if patch_size < 3 or patch_size % 2 == 0:
-        raise ValueError(f"patch_size must be an odd int >= 3, got {patch_size}")
-    return patch_size
 
 
 def count_parameters(net: nn.Module) -> int:
@@ -285,7 +279,7 @@ class UNet2D(LocalDenoiser):
         precondition: bool = True,
     ):
         super().__init__()
-        self.patch_size = patch_size = _check_patch_size(patch_size)
+        self.patch_size = patch_size = check_patch_size(patch_size, low=3)
         self.channels = channels = check_int(channels, "channels", low=1)
         self.precondition = check_bool(precondition, "precondition")
         widths = tuple(check_int(c, "block_out_channels entry", low=1) for c in block_out_channels)
@@ -367,7 +361,7 @@ class ResNet(LocalDenoiser):
         precondition: bool = True,
     ):
         super().__init__()
-        self.patch_size = patch_size = _check_patch_size(patch_size)
+        self.patch_size = patch_size = check_patch_size(patch_size, low=3)
         self.channels = channels = check_int(channels, "channels", low=1)
         self.precondition = check_bool(precondition, "precondition")
         width, blocks = check_int(width, "width", low=1), check_int(blocks, "blocks", low=0)
@@ -426,7 +420,7 @@ class PatchMLP(LocalDenoiser):
         precondition: bool = True,
     ):
         super().__init__()
-        self.patch_size = patch_size = _check_patch_size(patch_size)
+        self.patch_size = patch_size = check_patch_size(patch_size, low=3)
         self.channels = channels = check_int(channels, "channels", low=1)
         self.precondition = check_bool(precondition, "precondition")
         width, hidden = check_int(width, "width", low=1), check_int(hidden, "hidden", low=1)

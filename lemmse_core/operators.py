@@ -157,7 +157,27 @@ class LinearMap:
 
 
 class ForwardOperator(LinearMap):
-    """A forward operator ``A``: adds ``pinv``, ``tikhonov`` and ``measure``."""
+    """A forward operator ``A``: adds ``pinv``, ``tikhonov``, ``measure`` and its
+    pre-inverses (:meth:`preinverse`)."""
+
+    def preinverse(self, kind: str, lam: float | None = None) -> LinearMap:
+        """The pre-inverse ``B`` of ``kind`` (one of :data:`PREINVERSES`): ``I``
+        (physics-agnostic; needs an operator that keeps the image size), ``Aᵀ``, ``A⁺`` or
+        Tikhonov ``(AᵀA + lam I)⁻¹ Aᵀ``, as a :class:`LinearMap`."""
+        if kind not in PREINVERSES:
+            raise ValueError(f"kind must be one of {PREINVERSES}, got {kind!r}")
+        if kind == "tikhonov":
+            lam = _check_positive(lam, "lam")
+        elif lam is not None:
+            raise ValueError(f"lam is only used with kind='tikhonov', got lam={lam!r}")
+        return self._agnostic() if kind == "identity" else self._aware(kind, lam)
+
+    def _agnostic(self) -> LinearMap:
+        return Identity()
+
+    def _aware(self, kind: str, lam: float | None) -> LinearMap:
+        """``Aᵀ``, ``A⁺`` or Tikhonov(``lam``) of this operator (arguments checked)."""
+        raise TypeError(f"no pre-inverse known for operator {type(self).__name__}")
 
     def pinv(self, y: torch.Tensor) -> torch.Tensor:
         """Exact Moore-Penrose pseudo-inverse ``A⁺ y``."""
@@ -209,6 +229,11 @@ class Denoising(Identity, ForwardOperator):
     def tikhonov(self, y, lam):
         lam = _check_positive(lam, "lam")
         return _check_batch(y, "y") / (1.0 + lam)
+
+    def _aware(self, kind, lam):
+        if kind != "tikhonov":
+            return Identity()
+        return Diagonal(torch.full((1, 1, 1), 1.0 / (1.0 + lam), dtype=torch.float64))
 
 
 # ------------------------------------------------------------------------- diagonal
@@ -332,6 +357,9 @@ class Inpainting(Diagonal, ForwardOperator):
     def tikhonov(self, y, lam):
         lam = _check_positive(lam, "lam")
         return self.adjoint(y) / (1.0 + lam)
+
+    def _aware(self, kind, lam):
+        return Diagonal(self.mask if kind != "tikhonov" else self.mask / (1 + lam))
 
 
 # ------------------------------------------------------------------------- circulant
@@ -495,6 +523,14 @@ class Blur(Circulant, ForwardOperator):
         _check_batch(y, "y")
         return self._apply(y, self.tikhonov_transfer(*y.shape[-2:], lam))
 
+    def _aware(self, kind, lam):
+        fns = {
+            "adjoint": lambda h, w: self.transfer(h, w).conj(),
+            "pinv": self.pinv_transfer,
+            "tikhonov": lambda h, w: self.tikhonov_transfer(h, w, lam),
+        }
+        return Circulant(fns[kind], name=f"{_label(kind, lam)} of {self!r}")
+
     def to(self, device=None, dtype=None):
         return self  # transfer functions are cast at application time
 
@@ -614,6 +650,17 @@ class Downsampling(ForwardOperator):
         _check_batch(y, "y")
         return self.adjoint(self._lowres_solve(y, lambda g: 1.0 / (g + lam)))
 
+    def _agnostic(self):
+        raise ValueError("kind='identity' needs an operator that keeps the image size")
+
+    def _aware(self, kind, lam):
+        fns = {
+            "adjoint": lambda g: torch.ones_like(g),
+            "pinv": lambda g: _pinv_transfer(g, self.rcond),
+            "tikhonov": lambda g: 1.0 / (g + lam),
+        }
+        return _AdjointThenLowres(self, fns[kind], name=f"{_label(kind, lam)} of {self!r}")
+
 
 class _AdjointThenLowres(LinearMap):
     """``B y = Aᵀ (C y)`` for super-resolution: ``C`` a low-resolution circulant filter.
@@ -651,42 +698,12 @@ PREINVERSES = ("identity", "adjoint", "pinv", "tikhonov")
 
 
 def preinverse(A: ForwardOperator, kind: str, lam: float | None = None) -> LinearMap:
-    """The pre-inverse ``B`` fed to the estimators: ``I``, ``Aᵀ``, ``A⁺`` or Tikhonov(lam).
-
-    ``identity`` (physics-agnostic) needs ``A`` to keep the image size.
-    """
+    """The pre-inverse ``B`` fed to the estimators: ``I``, ``Aᵀ``, ``A⁺`` or Tikhonov(lam)
+    (:meth:`ForwardOperator.preinverse`)."""
     if not isinstance(A, ForwardOperator):
         raise TypeError(f"A must be a ForwardOperator, got {type(A).__name__}")
-    if kind not in PREINVERSES:
-        raise ValueError(f"kind must be one of {PREINVERSES}, got {kind!r}")
-    if kind == "tikhonov":
-        lam = _check_positive(lam, "lam")
-    elif lam is not None:
-        raise ValueError(f"lam is only used with kind='tikhonov', got lam={lam!r}")
-    if kind == "identity":
-        if isinstance(A, Downsampling):
-            raise ValueError("kind='identity' needs an operator that keeps the image size")
-        return Identity()
-    if isinstance(A, Denoising):
-        if kind != "tikhonov":
-            return Identity()
-        return Diagonal(torch.full((1, 1, 1), 1.0 / (1.0 + lam), dtype=torch.float64))
-    if isinstance(A, Inpainting):
-        return Diagonal(A.mask if kind != "tikhonov" else A.mask / (1 + lam))
-    if isinstance(A, Blur):
-        fns = {
-            "adjoint": lambda h, w: A.transfer(h, w).conj(),
-            "pinv": A.pinv_transfer,
-            "tikhonov": lambda h, w: A.tikhonov_transfer(h, w, lam),
-        }
-        label = {"adjoint": "Aᵀ", "pinv": "A⁺", "tikhonov": f"Tikhonov(λ={lam})"}[kind]
-        return Circulant(fns[kind], name=f"{label} of {A!r}")
-    if isinstance(A, Downsampling):
-        fns = {
-            "adjoint": lambda g: torch.ones_like(g),
-            "pinv": lambda g: _pinv_transfer(g, A.rcond),
-            "tikhonov": lambda g: 1.0 / (g + lam),
-        }
-        label = {"adjoint": "Aᵀ", "pinv": "A⁺", "tikhonov": f"Tikhonov(λ={lam})"}[kind]
-        return _AdjointThenLowres(A, fns[kind], name=f"{label} of {A!r}")
-    raise TypeError(f"no pre-inverse known for operator {type(A).__name__}")
+    return A.preinverse(kind, lam)
+
+
+def _label(kind: str, lam: float | None) -> str:
+    return {"adjoint": "Aᵀ", "pinv": "A⁺", "tikhonov": f"Tikhonov(λ={lam})"}[kind]

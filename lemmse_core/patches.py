@@ -5,13 +5,16 @@ import torch.nn.functional as F
 
 from .checks import check_int
 
+_EPS64 = torch.finfo(torch.float64).eps
 
-def check_patch_size(patch_size, shape) -> int:
-    """Validate an odd patch size no larger than the image ``shape = (C, H, W)``."""
+
+def check_patch_size(patch_size, shape=None, low: int = 1) -> int:
+    """Validate an odd patch size ``>= low``, no larger than the image ``shape = (C, H, W)``
+    if given."""
     patch_size = check_int(patch_size, "patch_size")  # Python or NumPy int, not bool
-    if patch_size < 1 or patch_size % 2 == 0:
-        raise ValueError(f"patch_size must be a positive odd int, got {patch_size}")
-    if patch_size > min(shape[-2:]):
+    if patch_size < low or patch_size % 2 == 0:
+        raise ValueError(f"patch_size must be an odd int >= {low}, got {patch_size}")
+    if shape is not None and patch_size > min(shape[-2:]):
         raise ValueError(
             f"patch_size={patch_size} is larger than the image size {shape[-2]}×{shape[-1]}"
         )
@@ -37,3 +40,15 @@ def patch_at(x: torch.Tensor, patch_size: int, i: int, j: int) -> torch.Tensor:
     rows = torch.arange(i - r, i + r + 1, device=x.device) % h
     cols = torch.arange(j - r, j + r + 1, device=x.device) % w
     return x[:, :, rows][:, :, :, cols].reshape(x.shape[0], -1)
+
+
+def whitening(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(W, U_r, log pdet)`` of a PSD patch Gram matrix ``G`` ``(P, P)`` (in float64):
+    ``G = U Λ Uᵀ`` keeps the eigenvalues above ``P · eps(float64) · λ_max`` (the default cut
+    of ``torch.linalg.pinv``; ``r`` of them, the rank), ``W = Λ^{-1/2} U_rᵀ`` ``(r, P)``
+    with ``Wᵀ W = G⁺``, and ``log pdet G = Σ log λ`` over the kept eigenvalues."""
+    lam, vec = torch.linalg.eigh(gram.double())
+    top = max(lam.max().item(), 0.0)
+    keep = lam > top * gram.shape[0] * _EPS64 if top > 0 else torch.zeros_like(lam).bool()
+    lam, vec = lam[keep], vec[:, keep]
+    return (vec / lam.sqrt()).T.contiguous(), vec, float(lam.log().sum())

@@ -8,7 +8,7 @@ evaluation. Everything random (data order, σ, noise) comes from generators seed
 ``(seed, step)``, so a run is a deterministic function of its config on a given device and
 an interrupted run resumes exactly.
 
-Runs live in ``<root>/<key>/`` with ``root`` = the ``run_root`` argument, else
+Runs live in ``<root>/<key>/`` with ``root`` = the ``root`` argument, else
 ``$LEMMSE_RUNS``, else ``<repo>/runs``, and ``key`` the first 12 hex digits of the SHA-1 of
 ``config.json`` (the config, a fingerprint of the training images and :data:`VERSION`).
 The folder holds ``config.json``, ``checkpoint.pt`` (model, EMA, optimizer, step, loss
@@ -47,6 +47,7 @@ from torch import nn
 
 from . import checks, nets, operators, runtime
 from .data import load
+from .patches import check_patch_size
 
 # Bump when a change of the networks or of the training loop makes old runs stale.
 VERSION = 3
@@ -97,7 +98,7 @@ class TrainConfig:
     def __post_init__(self):
         _check_choice("net", self.net, nets.NETS)
         _check_choice("preset", self.preset, nets.PRESETS)
-        nets._check_patch_size(self.patch_size)
+        check_patch_size(self.patch_size, low=3)
         if not isinstance(self.dataset, str):
             raise TypeError(f"dataset must be a str, got {self.dataset!r}")
         if not self.dataset:
@@ -460,7 +461,7 @@ def fit(
     config: TrainConfig,
     train_images: torch.Tensor | None = None,
     device=None,
-    run_root: str | os.PathLike | None = None,
+    root: str | os.PathLike | None = None,
     progress: bool = True,
     checkpoint_every: int = 500,
     callback: Callable[[int, float], None] | None = None,
@@ -471,7 +472,7 @@ def fit(
 
     Args:
         device: default :func:`lemmse_core.runtime.device` (CUDA when present).
-        run_root: where run folders live (see the module docstring).
+        root: where run folders live (:func:`run_root`, see the module docstring).
         progress: show a tqdm bar with the running loss.
         checkpoint_every: steps between checkpoints (not part of the config).
         callback: called as ``callback(step, loss)`` after every step (e.g. to stop).
@@ -480,23 +481,11 @@ def fit(
     ``fit`` again resumes from it. Raises :class:`CheckpointError` for a checkpoint that
     cannot be trusted and :class:`FloatingPointError` on a non-finite loss or state.
     """
-    if train_images is None:
-        color = config.channels == 3
-        train_images = load(config.dataset, n=config.n_train, size=config.size, color=color)
-    checks.check_images(train_images, "train_images")
-    if train_images.shape[:2] != (config.n_train, config.channels):
-        raise ValueError(
-            f"train_images must have shape ({config.n_train}, {config.channels}, H, W) as in "
-            f"the config, got {tuple(train_images.shape)}"
-        )
+    train_images = _training_images(config, train_images)
     shape = tuple(train_images.shape[1:])
     A, B = build_operators(config, shape)
     device = torch.device(device) if device is not None else runtime.device()
-    folder = run_dir(config, train_images, run_root)
-    folder.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(folder)
-    if not (folder / CONFIG).exists():
-        _atomic_write_text(config_json(config, train_images), folder / CONFIG)
+    folder = _open_run(config, train_images, root)
     checkpoint = folder / CHECKPOINT
 
     A, B = A.to(device), B.to(device)
@@ -514,24 +503,7 @@ def fit(
         return _finished(config, model, ema, history, seconds, folder, loaded=True)
 
     x_all = train_images.to(device, torch.float32)
-
-    def save() -> float:
-        total = seconds + time.perf_counter() - start
-        state = {
-            "model": model.state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "history": history,
-            "seconds": total,
-            "config": config.to_dict(),
-            "version": VERSION,
-        }
-        if not _finite(state):
-            raise FloatingPointError(_diverged(config, step, "the weights are non-finite"))
-        _save_state(state, checkpoint)
-        return total
-
+    modules = (model, ema, optimizer)
     start, total = time.perf_counter(), seconds
     running = history[-1] if history else None
     bar = runtime.progress_bar(
@@ -543,22 +515,8 @@ def fit(
     model.train()
     try:
         while step < config.steps:
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, step)
-            g = torch.Generator(device).manual_seed(_seed(config.seed, 1, step))
-            x = x_all[_batch_indices(config, step, config.n_train).to(device)]
-            sigma = config.sigma_max * torch.rand(len(x), generator=g, device=device)
-            ax = A.A(x)
-            noise = torch.randn(ax.shape, generator=g, device=device)
-            v = B.A(ax + sigma[:, None, None, None] * noise)
-            loss = torch.mean((model(v, sigma) - x) ** 2)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            _update_ema(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
+            value = _train_step(config, step, x_all, A, B, modules)
             step += 1
-            value = loss.item()
             if not math.isfinite(value):
                 raise FloatingPointError(_diverged(config, step, f"the loss is {value}"))
             history.append(value)
@@ -566,13 +524,77 @@ def fit(
             bar.update(1)
             bar.set_postfix(loss=f"{running:.2e}", refresh=False)
             if step % checkpoint_every == 0 or step == config.steps:
-                total = save()
+                total = seconds + time.perf_counter() - start
+                _save_checkpoint(config, modules, step, history, total, checkpoint)
             if callback is not None:
                 callback(step, value)
     finally:
         bar.close()
     (folder / DONE).write_text(f"{step} steps, {total:.1f} s\n", encoding="utf-8")
     return _finished(config, model, ema, history, total, folder, loaded=False)
+
+
+def _training_images(config: TrainConfig, images: torch.Tensor | None) -> torch.Tensor:
+    """The training images of ``config`` (loaded when ``images`` is None), checked."""
+    if images is None:
+        color = config.channels == 3
+        images = load(config.dataset, n=config.n_train, size=config.size, color=color)
+    checks.check_images(images, "train_images")
+    if images.shape[:2] != (config.n_train, config.channels):
+        raise ValueError(
+            f"train_images must have shape ({config.n_train}, {config.channels}, H, W) as in "
+            f"the config, got {tuple(images.shape)}"
+        )
+    return images
+
+
+def _open_run(config: TrainConfig, images: torch.Tensor, root) -> Path:
+    """The run folder, created with its ``config.json``; stale temporaries removed."""
+    folder = run_dir(config, images, root)
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(folder)
+    if not (folder / CONFIG).exists():
+        _atomic_write_text(config_json(config, images), folder / CONFIG)
+    return folder
+
+
+def _train_step(config: TrainConfig, step: int, x_all, A, B, modules) -> float:
+    """One step of App. C.3's loss on a batch drawn from ``step``'s seed; the loss."""
+    model, ema, optimizer = modules
+    device = x_all.device
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, step)
+    g = torch.Generator(device).manual_seed(_seed(config.seed, 1, step))
+    x = x_all[_batch_indices(config, step, config.n_train).to(device)]
+    sigma = config.sigma_max * torch.rand(len(x), generator=g, device=device)
+    ax = A.A(x)
+    noise = torch.randn(ax.shape, generator=g, device=device)
+    v = B.A(ax + sigma[:, None, None, None] * noise)
+    loss = torch.mean((model(v, sigma) - x) ** 2)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    _update_ema(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
+    return loss.item()
+
+
+def _save_checkpoint(config, modules, step: int, history, seconds: float, path: Path) -> None:
+    """Save the run's state at ``step``, unless it is non-finite (then raise)."""
+    model, ema, optimizer = modules
+    state = {
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "history": history,
+        "seconds": seconds,
+        "config": config.to_dict(),
+        "version": VERSION,
+    }
+    if not _finite(state):
+        raise FloatingPointError(_diverged(config, step, "the weights are non-finite"))
+    _save_state(state, path)
 
 
 def _finished(config, model, ema, history, seconds, folder, loaded) -> TrainedRun:

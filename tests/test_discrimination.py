@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import lemmse_core as lc
-from lemmse_core.discrimination import discrimination, patch_grams, whitening
-from lemmse_core.patches import extract_patches
+from lemmse_core.discrimination import discrimination, patch_grams
+from lemmse_core.patches import extract_patches, whitening
 
 F64 = torch.float64
 
@@ -109,12 +109,12 @@ def test_patch_grams_and_whitening():
     torch.testing.assert_close(grams, grams.transpose(1, 2))
     basis = torch.randn(5, 3, generator=torch.Generator().manual_seed(8), dtype=F64)
     gram = basis @ basis.T  # rank 3
-    white, log_pdet = whitening(gram)
-    assert white.shape == (3, 5)
+    white, basis, log_pdet = whitening(gram)
+    assert white.shape == (3, 5) and basis.shape == (5, 3)
     torch.testing.assert_close(white.T @ white, torch.linalg.pinv(gram, hermitian=True))
     lam = torch.linalg.eigvalsh(gram)[-3:]
     assert log_pdet == pytest.approx(lam.log().sum().item(), rel=1e-10)
-    empty, zero = whitening(torch.zeros(4, 4, dtype=F64))
+    empty, _, zero = whitening(torch.zeros(4, 4, dtype=F64))
     assert empty.shape == (0, 4) and zero == 0.0
 
 

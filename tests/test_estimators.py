@@ -793,7 +793,9 @@ def call(est, y, train, A, sigma=0.3, patch_size=3, B=None, **kwargs):
         return lc.le_mmse(y, train, A, sigma, patch_size, B, **kwargs)
     if est == "smoothed_le_mmse":
         eps, samples = kwargs.pop("eps", 0.1), kwargs.pop("samples", 2)
-        return lc.smoothed_le_mmse(y, train, A, sigma, patch_size, eps, samples, B, **kwargs)
+        return lc.smoothed_le_mmse(
+            y, train, A, sigma, patch_size, B, eps=eps, samples=samples, **kwargs
+        )
     return getattr(lc, est)(y, train, A, sigma, B, **kwargs)
 
 
@@ -886,8 +888,8 @@ def test_smoothed_le_mmse_is_the_monte_carlo_average():
         A,
         0.3,
         3,
-        eps,
-        samples,
+        eps=eps,
+        samples=samples,
         generator=torch.Generator().manual_seed(5),
         dtype=torch.float64,
     )
@@ -899,6 +901,34 @@ def test_smoothed_le_mmse_is_the_monte_carlo_average():
     )
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     assert (got - lc.le_mmse(y, train, A, 0.3, 3, dtype=torch.float64)).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("kind", ["identity", "pinv"])
+def test_engine_smoothed_is_smoothed_le_mmse(kind):
+    """``LEMMSE.smoothed`` on ``v = B y`` draws the z of :func:`smoothed_le_mmse`; another
+    draw gives another estimate; bad eps and samples are named."""
+    train, A, B, y = problem("blur_gaussian", kind, "gray", 0.2)
+    engine = lc.LEMMSE(train, A, 3, B, dtype=torch.float64)
+    ours = engine.smoothed(B.A(y.double()), 0.2, 0.1, 5, torch.Generator().manual_seed(7))
+    theirs = lc.smoothed_le_mmse(
+        y,
+        train,
+        A,
+        0.2,
+        3,
+        B,
+        eps=0.1,
+        samples=5,
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(7),
+    )
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    other = engine.smoothed(B.A(y.double()), 0.2, 0.1, 5, torch.Generator().manual_seed(8))
+    assert (other - ours).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="samples"):
+        engine.smoothed(B.A(y.double()), 0.2, 0.1, 0)
+    with pytest.raises(ValueError, match="eps"):
+        engine.smoothed(B.A(y.double()), 0.2, 0.0, 2)
 
 
 @pytest.mark.parametrize("diagnostics", [False, True])

@@ -4,47 +4,12 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
-import lemmse_core as lc
 from lemmse_core import experiments as ex
 from lemmse_core.lemmse import PatchDiagnostics
 
 F64 = torch.float64
-
-
-def _problem(kind="pinv"):
-    g = torch.Generator().manual_seed(0)
-    train = torch.rand(6, 1, 8, 8, generator=g, dtype=F64)
-    A = lc.Blur.gaussian(1.0)
-    B = lc.preinverse(A, kind)
-    x = torch.rand(2, 1, 8, 8, generator=g, dtype=F64)
-    y = A.A(x) + 0.2 * torch.randn(x.shape, generator=g, dtype=F64)
-    return train, A, B, y
-
-
-@pytest.mark.parametrize("kind", ["identity", "pinv"])
-def test_smoothed_is_smoothed_le_mmse_with_one_engine(kind):
-    train, A, B, y = _problem(kind)
-    engine = lc.LEMMSE(train, A, 3, B, dtype=F64)
-    ours = ex.smoothed(engine, B.A(y), 0.2, 0.1, 5, torch.Generator().manual_seed(7))
-    theirs = lc.smoothed_le_mmse(
-        y, train, A, 0.2, 3, 0.1, 5, B, torch.Generator().manual_seed(7), dtype=F64
-    )
-    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
-    # A different draw of z gives a different estimate, and eps = 0 the plain one.
-    other = ex.smoothed(engine, B.A(y), 0.2, 0.1, 5, torch.Generator().manual_seed(8))
-    assert (other - ours).abs().max() > 1e-4
-    plain = ex.smoothed(engine, B.A(y), 0.2, 0.0, 3, torch.Generator().manual_seed(7))
-    torch.testing.assert_close(plain, engine.estimate(B.A(y), 0.2), rtol=1e-12, atol=1e-12)
-
-
-def test_smoothed_rejects_no_samples():
-    train, A, B, y = _problem()
-    engine = lc.LEMMSE(train, A, 3, B, dtype=F64)
-    with pytest.raises(ValueError, match="samples"):
-        ex.smoothed(engine, B.A(y), 0.2, 0.1, 0)
 
 
 def _diag(weights, counts, images):

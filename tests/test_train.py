@@ -40,7 +40,7 @@ def config(**kwargs) -> TrainConfig:
 
 def fit(cfg, root, **kwargs):
     return train.fit(
-        cfg, images(), device="cpu", run_root=root, progress=False, checkpoint_every=10, **kwargs
+        cfg, images(), device="cpu", root=root, progress=False, checkpoint_every=10, **kwargs
     )
 
 
@@ -144,7 +144,7 @@ def test_training_lowers_the_error_and_the_ema_lags(tmp_path):
     binary = (torch.rand(N, 1, SIZE, SIZE, generator=gen) > 0.5).float()
     noisy = binary + 0.5 * torch.randn(binary.shape, generator=gen)
     cfg = config(steps=40, lr=3e-3, ema_decay=0.95)
-    run = train.fit(cfg, binary, device="cpu", run_root=tmp_path, progress=False)
+    run = train.fit(cfg, binary, device="cpu", root=tmp_path, progress=False)
     initial = train._build(cfg, "cpu").eval()
     with torch.no_grad():
         before = torch.mean((initial(noisy, 0.5) - binary) ** 2).item()
@@ -191,7 +191,7 @@ def test_bad_configs():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda(tmp_path):
-    run = train.fit(config(steps=4), images(), device="cuda", run_root=tmp_path, progress=False)
+    run = train.fit(config(steps=4), images(), device="cuda", root=tmp_path, progress=False)
     assert next(run.ema_model.parameters()).is_cuda
 
 
@@ -310,7 +310,7 @@ def test_huge_images_give_a_non_finite_loss_at_the_first_step(tmp_path):
     cfg = config()
     huge = images() * 1e30
     with pytest.raises(FloatingPointError, match="step 1 of 20"):
-        train.fit(cfg, huge, device="cpu", run_root=tmp_path, progress=False)
+        train.fit(cfg, huge, device="cpu", root=tmp_path, progress=False)
     assert not (train.run_dir(cfg, huge, tmp_path) / train.DONE).exists()
 
 
@@ -338,7 +338,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
 )
 def test_integer_or_non_finite_images_are_rejected_before_any_folder(tmp_path, bad, match):
     with pytest.raises((TypeError, ValueError), match=match):
-        train.fit(config(), bad, device="cpu", run_root=tmp_path, progress=False)
+        train.fit(config(), bad, device="cpu", root=tmp_path, progress=False)
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 

@@ -436,7 +436,7 @@ def run_one(
     config = spec.train_config()
     if finished_only and not _finished(spec, config, train_images, eval_images, root):
         return None
-    trained = train.fit(config, train_images, device=device, run_root=root, progress=progress)
+    trained = train.fit(config, train_images, device=device, root=root, progress=progress)
     computed = [] if trained.loaded else ["training"]
     images, outputs = _evaluate(
         spec, trained, train_images, eval_images, root, device, progress, computed

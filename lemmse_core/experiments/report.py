@@ -200,22 +200,6 @@ def density(results) -> pd.DataFrame:
 SHARED, DIFFUSE = -1, -2
 
 
-def smoothed(engine, v, sigma: float, eps: float, samples: int, generator=None):
-    """Smoothed LE-MMSE ``E_z f(v + eps z)`` (Sec. 4.4) of pre-inverted measurements ``v``
-    ``(n, C, H, W)`` by Monte Carlo over ``samples`` draws of ``z``, all in one call of a
-    :class:`~lemmse_core.lemmse.LEMMSE` ``engine`` (its keys are reused). The draws are
-    those of :func:`lemmse_core.lemmse.smoothed_le_mmse` with the same ``generator``."""
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples!r}")
-    v = v.double()
-    z = torch.stack(
-        [torch.randn(v.shape, generator=generator, dtype=v.dtype) for _ in range(samples)]
-    ).to(v.device)
-    queries = (v[None] + eps * z).reshape(-1, *v.shape[1:])
-    out = engine.estimate(queries, sigma).double().reshape(samples, *v.shape)
-    return out.mean(dim=0).to(engine.dtype)
-
-
 def source_map(diag, threshold: float = 0.5) -> torch.Tensor:
     """Per pixel ``(n, H, W)`` of LE-MMSE diagnostics (``top_k >= 1``): the training image
     whose patch holds at least ``threshold`` of the weight (the paper's Figs. 23–24),
