@@ -50,6 +50,15 @@ def show_images(images, titles=None, ncols=None, size=1.6, vmin=0.0, vmax=1.0):
     return fig
 
 
+def sigma_axis(ax, sigmas, label: str | None = r"$\sigma$") -> None:
+    """A logarithmic σ axis with one labelled tick per value of ``sigmas``, no minor ticks."""
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(sigmas, [f"{s:g}" for s in sigmas])
+    if label is not None:
+        ax.set_xlabel(label)
+
+
 def image_grid(rows, row_names, col_names, size=1.3):
     """Images ``rows[i][j]`` (``(C, H, W)`` tensors in ``[0, 1]``, or None for a blank),
     the columns titled by ``col_names`` and the rows labelled by ``row_names``; returns the

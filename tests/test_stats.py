@@ -43,3 +43,14 @@ def test_image_grid_labels_and_blanks():
     assert [ax.get_ylabel() for ax in axes] == ["a", "", "b", ""]
     assert [len(ax.images) for ax in axes] == [1, 0, 1, 1]
     assert axes[2].images[0].get_array().shape == (4, 4, 3)
+
+
+def test_sigma_axis_ticks_every_sigma():
+    fig, ax = matplotlib.pyplot.subplots()
+    plotting.sigma_axis(ax, [0.05, 0.2, 1.0])
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == r"$\sigma$"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.05", "0.2", "1"]
+    assert not ax.xaxis.get_minor_ticks()
+    plotting.sigma_axis(ax, [0.1], label=None)
+    assert list(ax.get_xticks()) == [0.1]
+    matplotlib.pyplot.close(fig)
