@@ -4,6 +4,7 @@
 #   make test    ruff (package and chapters), unit tests, the experiment runs, every notebook
 #   make runs    train and evaluate the experiment grid of the profile (cached in runs/)
 #   make lab     JupyterLab on book/ (MyST .md notebooks open as notebooks)
+#   make check-book  the built book in headless Chromium, and a chapter in JupyterLab
 #   make clean   remove _build/
 #
 # Any torch >= 2.4 works: `make book TORCH='torch>=2.4'`. The default pins the CPU build
@@ -23,6 +24,7 @@ PY := $(BIN)/python
 PIP := $(PY) -m pip --quiet
 STAMP := $(VENV)/.installed
 LAB_STAMP := $(VENV)/.installed-lab
+CHECK_STAMP := $(VENV)/.installed-check
 MATHJAX_DIR := book/_static/mathjax
 MATHJAX := $(MATHJAX_DIR)/tex-chtml.js
 BOOK_INDEX := _build/html/index.html
@@ -31,13 +33,14 @@ BOOK_INDEX := _build/html/index.html
 export PATH := $(abspath $(BIN)):$(PATH)
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: help install book test lint unit runs nbval lab clean mathjax FORCE
+.PHONY: help install book test lint unit runs nbval lab check-book clean mathjax FORCE
 
 help:
 	@echo "make book   build the book into _build/html and print its path"
 	@echo "make test   lint, unit tests, the experiment runs and every notebook (nbval)"
 	@echo "make runs   train and evaluate the experiment grid (runs/, reused by the book)"
 	@echo "make lab    start JupyterLab on book/"
+	@echo "make check-book  after make book: every page in headless Chromium, a chapter in JupyterLab"
 	@echo "make clean  remove _build/"
 
 $(PY):
@@ -80,7 +83,7 @@ lint: $(STAMP)
 	$(PY) scripts/lint_chapters.py
 
 unit: $(STAMP)
-	$(BIN)/pytest tests --durations=10
+	$(BIN)/pytest tests --ignore=tests/book --durations=10
 
 # The networks of the book and their evaluations, trained once with a progress bar per run,
 # before the notebooks (which then load them): `python -m lemmse_core.experiments run`.
@@ -107,6 +110,17 @@ LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 
 lab: $(LAB_STAMP)
 	$(BIN)/jupyter lab --notebook-dir=book $(LAB_ARGS)
+
+# The book as readers get it (tests/book): every page of _build/html in headless Chromium
+# (Playwright driving the system Chromium; nothing is downloaded), and a chapter opened, run
+# and saved in JupyterLab. Needs `make book` first; without Chromium the tests skip and say
+# what to install (in CI they fail). Screenshots and a summary: _build/screenshots/.
+$(CHECK_STAMP): pyproject.toml | $(LAB_STAMP)
+	$(PIP) install -e ".[dev,lab,check]"
+	@touch $@
+
+check-book: $(CHECK_STAMP)
+	$(BIN)/pytest tests/book -v --durations=5
 
 clean:
 	rm -rf _build

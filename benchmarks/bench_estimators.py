@@ -81,7 +81,7 @@ def baseline_le_mmse(engine, y, sigma, chunk=16384):
     """Plain float32 LE-MMSE over every (location, image) term: cdist² + streaming LSE."""
     n, (c, h, w) = y.shape[0], engine.shape
     u = extract_patches(engine.B.A(y.double()), engine.p).reshape(n * h * w, -1)
-    stratum, active = engine._active(u)
+    stratum, active = engine.store.active(u)
     state_max = torch.full((len(u),), -torch.inf)
     state_sum = torch.zeros(len(u))
     acc = torch.zeros(len(u), c)

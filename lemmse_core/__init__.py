@@ -6,6 +6,7 @@ problems solvers* (Nguyen, Do, Pauwels, Weiss, 2026).
 
 from . import data, metrics, operators
 from .estimators import augmented_mmse, e_mmse, mmse
+from .explain import explain
 from .lemmse import LEMMSE, le_mmse, smoothed_le_mmse
 from .operators import Blur, Denoising, Downsampling, Inpainting, preinverse
 
@@ -20,6 +21,7 @@ __all__ = [
     "augmented_mmse",
     "data",
     "e_mmse",
+    "explain",
     "le_mmse",
     "metrics",
     "mmse",

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-_EPS64 = torch.finfo(torch.float64).eps
+_EPS64 = torch.finfo(torch.float64).eps  # the package's one float64 epsilon
 _HEADROOM = 16.0  # σ range: factor kept between the log-weights and the float limits
 
 

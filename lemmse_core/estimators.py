@@ -26,7 +26,7 @@ preimage ``‖S⁻¹Uᵀu‖``, data rounding ``eps · sqrt(D) · max|v|``), not
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -39,10 +39,9 @@ from .checks import (
     check_quadratic,
     check_sigma,
 )
-from .operators import LinearMap, image_rounding, transfer_support
+from .operators import LinearMap, _all_shifts, _correlate
 from .streaming import StreamingSoftmax
 
-DENSE_LIMIT = 8192  # largest dimension for which a general B is handled by dense algebra
 _BUDGET = 256 * 2**20  # bytes of float64 temporaries per block
 
 
@@ -61,54 +60,10 @@ class GlobalDiagnostics:
 # --------------------------------------------------------------------------- helpers
 
 
-def _dense_limit(dim: int, what: str) -> None:
-    if dim > DENSE_LIMIT:
-        raise ValueError(
-            f"{what}: a general (non-diagonal, non-circulant) B is handled with dense "
-            f"matrices, limited to dimension {DENSE_LIMIT}; got {dim}"
-        )
-
-
-def measurement_projector(B: LinearMap, y_shape) -> Callable | None:
-    """``P_B = B⁺B``, the projector onto ``Im Bᵀ`` in measurement space (``None``: identity)."""
-    c, h, w = y_shape
-    if B.structure == "identity":
-        return None
-    if B.structure == "diagonal":
-        keep = (B.diagonal(y_shape) != 0).double()
-        return None if keep.all() else (lambda r: r * keep.to(r.device))
-    if B.structure == "circulant":
-        keep = transfer_support(B.transfer(h, w)).to(torch.complex128)
-        if keep.real.all():
-            return None
-        return lambda r: torch.fft.ifft2(torch.fft.fft2(r) * keep.to(r.device)).real
-    m = c * h * w
-    _dense_limit(m, "P_B")
-    b = B.matrix(y_shape)
-    proj = torch.linalg.pinv(b) @ b
-    return lambda r: (r.reshape(r.shape[0], -1) @ proj.to(r.device)).reshape(r.shape)
-
-
 def _image_chunks(n_images: int, per_image_bytes: int, chunk_size: int | None) -> Iterator:
     size = chunk_size or max(1, _BUDGET // max(per_image_bytes, 1))
     for k0 in range(0, n_images, size):
         yield k0, min(k0 + size, n_images)
-
-
-def _correlate(a_hat: torch.Tensor, b_hat: torch.Tensor) -> torch.Tensor:
-    """``Σ_c Σ_m a[c, m + g] b[c, m]`` for all shifts g: ``(n, K, H, W)`` from the FFTs."""
-    prod = torch.einsum("nchw,kchw->nkhw", a_hat, b_hat.conj())
-    return torch.fft.ifft2(prod).real
-
-
-def _all_shifts(x: torch.Tensor) -> torch.Tensor:
-    """``T_g x`` for every shift g: ``(n, H, W, C, H, W)`` with ``[:, gi, gj] = roll(x, g)``."""
-    h, w = x.shape[-2:]
-    idx_h, idx_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
-    rows = (idx_h[None, :] - idx_h[:, None]) % h  # [g, n] = n - g
-    cols = (idx_w[None, :] - idx_w[:, None]) % w
-    out = x[:, :, rows][..., cols]  # (n, C, gi, H, gj, W)
-    return out.permute(0, 2, 4, 1, 3, 5)
 
 
 class _ShiftSoftmaxAverage:
@@ -170,7 +125,7 @@ def mmse(
     B = check_problem(y, train, A, B)
     sigma, dtype = check_sigma(sigma), check_dtype(dtype)
     chunk_size, diagnostics = check_chunk_size(chunk_size), check_bool(diagnostics, "diagnostics")
-    proj = measurement_projector(B, tuple(y.shape[1:]))
+    proj = B.row_projector(tuple(y.shape[1:]))
     keep = proj or (lambda r: r)
     py = keep(y.double()).flatten(1)
     logits = []
@@ -189,18 +144,14 @@ def mmse(
 # --------------------------------------------------------------- augmented MMSE (Def. 3.4)
 
 
-def _augmented_logits_fast(y, train_block, A, sigma):
-    """Logits over all shifts for ``P_B = I`` and ``A`` identity/circulant/diagonal (FFT)."""
+def _augmented_logits_fast(y, train_block, A, sigma, norms):
+    """Logits over all shifts for ``P_B = I`` by FFT, ``norms`` of
+    :meth:`~lemmse_core.operators.LinearMap.shift_norms` giving ``‖A T_g x_k‖²``."""
     x = train_block.double()
     aty_hat = torch.fft.fft2(A.adjoint(y.double()))
     cross = _correlate(aty_hat, torch.fft.fft2(x))
-    if A.structure == "diagonal":
-        a2_hat = torch.fft.fft2(A.diagonal(tuple(x.shape[1:])).double()[None] ** 2)
-        norms = _correlate(a2_hat, torch.fft.fft2(x**2))[0][None]
-    else:
-        norms = A.A(x).pow(2).sum(dim=(1, 2, 3))[None, :, None, None]
     y2 = y.double().pow(2).sum(dim=(1, 2, 3))[:, None, None, None]
-    quad = y2 + norms - 2 * cross
+    quad = y2 + norms(x) - 2 * cross
     check_quadratic(quad, sigma)
     return -quad / (2 * sigma**2)
 
@@ -230,21 +181,23 @@ def augmented_mmse(
     """MMSE over the augmented set ``{T_g x_k}`` (Def. 3.4), ``B=None`` meaning ``B = I``.
 
     ``ℓ_{g,k} = -‖P_B (y - A T_g x_k)‖² / (2σ²)``; FFT over all shifts when ``P_B = I`` and
-    ``A`` is the identity, a convolution or a mask, otherwise every translate is measured.
+    ``A`` gives its norms over the shifts (:meth:`~lemmse_core.operators.LinearMap.shift_norms`:
+    the identity, a convolution or a mask), otherwise every translate is measured.
     ``sigma``: in ``[3.0e-154 max(R, 1), 1.7e153]``, ``R`` the largest ``‖P_B (y - A T_g
     x_k)‖`` (module doc); ``chunk_size``: training images per block, or ``None``.
     """
     B = check_problem(y, train, A, B)
     sigma, dtype = check_sigma(sigma), check_dtype(dtype)
     chunk_size, diagnostics = check_chunk_size(chunk_size), check_bool(diagnostics, "diagnostics")
-    proj = measurement_projector(B, tuple(y.shape[1:]))
-    fast = proj is None and A.structure in ("identity", "circulant", "diagonal")
+    proj = B.row_projector(tuple(y.shape[1:]))
+    norms = A.shift_norms(tuple(train.shape[1:])) if proj is None else None
+    fast = norms is not None
     avg = _ShiftSoftmaxAverage(y.shape[0], train)
     d = train[0].numel()
     per_image = 16 * d * (y.shape[0] + (1 if fast else d))
     for k0, k1 in _image_chunks(train.shape[0], per_image, chunk_size):
         if fast:
-            logits = _augmented_logits_fast(y, train[k0:k1], A, sigma)
+            logits = _augmented_logits_fast(y, train[k0:k1], A, sigma, norms)
         else:
             logits = _augmented_logits_dense(y, train[k0:k1], A, sigma, proj)
         avg.add(logits, k0, k1)
@@ -253,77 +206,6 @@ def augmented_mmse(
 
 
 # -------------------------------------------------------------------- E-MMSE (Thm. 3.5)
-
-
-class _EquivariantMetric:
-    """``(BBᵀ)⁺`` and the support test of the E-MMSE, by the structure of ``B``."""
-
-    def __init__(self, B: LinearMap, y_shape, image_shape, device):
-        self.B, self.kind = B, B.structure
-        c, h, w = image_shape
-        if self.kind == "circulant":
-            t = B.transfer(h, w)
-            keep = transfer_support(t)
-            self.filter = torch.where(keep, 1.0 / torch.where(keep, t.abs(), 1.0), 0.0)
-            self.filter = self.filter.to(device)
-        elif self.kind == "diagonal":
-            beta = B.diagonal(image_shape).double().to(device)
-            support = beta != 0
-            self.omega = torch.where(support, 1.0 / torch.where(support, beta, 1.0) ** 2, 0.0)
-            self.outside_hat = torch.fft.fft2((~support).double())
-        elif self.kind == "general":
-            _dense_limit(c * h * w, "E-MMSE")
-            matrix = B.matrix(y_shape)
-            u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
-            rank = int((s > s.max() * max(matrix.shape) * torch.finfo(s.dtype).eps).sum())
-            self.basis = u[:, :rank].to(device)
-            self.whiten = (u[:, :rank] / s[:rank]).T.to(device)  # (r, D): (BBᵀ)⁺ = Wᵀ W
-            self.lead, self.dim = float(s[0]), max(matrix.shape)  # for image_rounding
-
-    def prepare(self, v: torch.Tensor) -> dict:
-        """Per-query quantities that do not depend on the training images."""
-        if self.kind in ("identity", "circulant"):
-            fv = self._filter(v)
-            return {"v_hat": torch.fft.fft2(fv), "v2": fv.pow(2).sum(dim=(1, 2, 3))}
-        if self.kind == "diagonal":
-            v_hat = torch.fft.fft2(v)
-            t1 = _correlate(torch.fft.fft2(v**2), torch.fft.fft2(self.omega[None]))[:, 0]
-            nonzero_hat = torch.fft.fft2((v != 0).double())
-            count = _correlate(nonzero_hat, self.outside_hat[None])[:, 0]
-            return {"v_hat": v_hat, "t1": t1, "bad": count.round() > 0}
-        n, c, h, w = v.shape
-        shifts = _all_shifts(v)  # [:, g] = T_g v, and T_g⁻¹ v = T_{-g} v
-        inv = torch.roll(shifts.flip(1, 2), shifts=(1, 1), dims=(1, 2)).reshape(n, h * w, -1)
-        resid = inv - (inv @ self.basis) @ self.basis.T
-        white = inv @ self.whiten.T  # ‖white‖ = ‖S⁻¹Uᵀu‖, the preimage of u = T_g⁻¹v
-        norm = v.flatten(1).norm(dim=1)[:, None]  # ‖T_g⁻¹v‖ = ‖v‖
-        data = torch.finfo(v.dtype).eps * (c * h * w) ** 0.5 * v.flatten(1).abs().amax(dim=1)
-        bound = image_rounding(self.dim, self.lead, white.norm(dim=2), norm, data[:, None])
-        bad = resid.norm(dim=2) > bound
-        return {"white": white, "bad": bad.reshape(n, h, w)}
-
-    def _filter(self, x):
-        if self.kind == "identity":
-            return x
-        return torch.fft.ifft2(torch.fft.fft2(x) * self.filter.to(x.device)).real
-
-    def quadratic(self, q: dict, z: torch.Tensor) -> torch.Tensor:
-        """``(T_g⁻¹v - z_k)ᵀ (BBᵀ)⁺ (T_g⁻¹v - z_k)``, ``(n, K, H, W)``; ``inf`` off support."""
-        if self.kind in ("identity", "circulant"):
-            fz = self._filter(z)
-            cross = _correlate(q["v_hat"], torch.fft.fft2(fz))
-            z2 = fz.pow(2).sum(dim=(1, 2, 3))
-            return q["v2"][:, None, None, None] + z2[None, :, None, None] - 2 * cross
-        if self.kind == "diagonal":
-            cross = _correlate(q["v_hat"], torch.fft.fft2(self.omega * z))
-            z2 = (self.omega * z**2).sum(dim=(1, 2, 3))
-            quad = q["t1"][:, None] + z2[None, :, None, None] - 2 * cross
-        else:
-            n, h, w = q["bad"].shape
-            keys = z.flatten(1) @ self.whiten.T
-            quad = torch.cdist(q["white"], keys[None].expand(n, -1, -1)).pow(2)
-            quad = quad.transpose(1, 2).reshape(n, -1, h, w)
-        return quad.masked_fill(q["bad"][:, None], torch.inf)
 
 
 def e_mmse(
@@ -347,7 +229,7 @@ def e_mmse(
     B = check_problem(y, train, A, B)
     sigma, dtype = check_sigma(sigma), check_dtype(dtype)
     chunk_size, diagnostics = check_chunk_size(chunk_size), check_bool(diagnostics, "diagnostics")
-    metric = _EquivariantMetric(B, tuple(y.shape[1:]), tuple(train.shape[1:]), y.device)
+    metric = B.shift_metric(tuple(y.shape[1:]), y.device)  # (BBᵀ)⁺ and the support test
     q = metric.prepare(B.A(y.double()))
     avg = _ShiftSoftmaxAverage(y.shape[0], train)
     per_image = 32 * train[0].numel() * (y.shape[0] + 1)

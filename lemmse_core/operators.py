@@ -4,22 +4,30 @@ Every map acts on batches of images ``(n, C, H, W)`` and is size-agnostic unless
 a mask. A :class:`LinearMap` knows how to apply itself (``A``), its adjoint, its dense
 matrix (tiny sizes, for tests), and its *structure*, the fact the estimators exploit:
 
-=============  ===========================================  =========================
-``structure``  meaning                                      accessor
-=============  ===========================================  =========================
-``identity``   ``x -> x``                                   none
-``diagonal``   pixel-wise product by a fixed image          :meth:`Diagonal.diagonal`
-``circulant``  circular convolution, same for each channel  :meth:`Circulant.transfer`
-``general``    anything else; ``period`` gives the shifts   none
-               the map commutes with (``B Bᵀ`` for
-               super-resolution is ``s``-periodic)
-=============  ===========================================  =========================
+=====================  ===========================================  =========================
+class                  structure                                    accessor
+=====================  ===========================================  =========================
+:class:`Identity`      ``x -> x``                                   none
+:class:`Diagonal`      pixel-wise product by a fixed image          :meth:`Diagonal.diagonal`
+:class:`Circulant`     circular convolution, same for each channel  :meth:`Circulant.transfer`
+:class:`LinearMap`     anything else; ``period`` gives the shifts   none
+                       the map commutes with (``B Bᵀ`` for
+                       super-resolution is ``s``-periodic)
+=====================  ===========================================  =========================
 
-:meth:`LinearMap.image_support` exposes the structure of the image: where ``Im`` of the map is
-the span of some pixels and the map writes exact zeros elsewhere (identity, diagonal), it
-returns those pixels, so that membership in the image of a patch of the map is decided by
-exact zeros (the rank strata of the LE-MMSE, Prop. B.5); otherwise ``None``, and
-:func:`image_rounding` bounds the rounding of a numerical membership test.
+The estimators ask a map for what its structure makes cheap, through methods implemented
+in general (dense algebra, one class per location) in :class:`LinearMap` and specialised in
+the subclasses, so that a new operator is added in one place:
+
+- :meth:`LinearMap.row_projector`: ``P_B = B⁺B`` of the MMSE (Remark 2.2);
+- :meth:`LinearMap.shift_norms`: ``‖A T_g x‖²`` for all shifts, the augmented MMSE (Def. 3.4);
+- :meth:`LinearMap.shift_metric`: ``(BBᵀ)⁺`` over all translates, the E-MMSE (Thm. 3.5);
+- :meth:`LinearMap.patch_classes`: the locations sharing a patch Gram matrix (Thm. 3.8);
+- :meth:`LinearMap.image_support`: the structure of the image: where ``Im`` of the map is
+  the span of some pixels and the map writes exact zeros elsewhere (identity, diagonal), it
+  returns those pixels, so that membership in the image of a patch of the map is decided
+  by exact zeros (the rank strata of the LE-MMSE, Prop. B.5); otherwise ``None``, and
+  :func:`image_rounding` bounds the rounding of a numerical membership test.
 
 A :class:`ForwardOperator` adds the exact Moore-Penrose pseudo-inverse ``pinv``, the
 Tikhonov inverse ``tikhonov(y, lam) = (AᵀA + lam I)⁻¹ Aᵀ y`` and ``measure``.
@@ -39,10 +47,11 @@ from collections.abc import Callable
 
 import torch
 
-from .checks import check_int, check_real, check_real_tensor
+from .checks import _EPS64, check_int, check_real, check_real_tensor
+from .patches import extract_patches
 
 Shape = tuple[int, int, int]
-_EPS64 = torch.finfo(torch.float64).eps
+DENSE_LIMIT = 8192  # largest dimension for which a general map is handled by dense algebra
 
 
 # ----------------------------------------------------------------------------- checks
@@ -96,8 +105,37 @@ def dense_matrix(fn, in_shape, dtype: torch.dtype = torch.float64) -> torch.Tens
     return fn(basis).reshape(d, -1).T.contiguous()
 
 
+def _dense_limit(dim: int, what: str) -> None:
+    if dim > DENSE_LIMIT:
+        raise ValueError(
+            f"{what}: a general (non-diagonal, non-circulant) B is handled with dense "
+            f"matrices, limited to dimension {DENSE_LIMIT}; got {dim}"
+        )
+
+
 def _complex(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
+def _correlate(a_hat: torch.Tensor, b_hat: torch.Tensor) -> torch.Tensor:
+    """``Σ_c Σ_m a[c, m + g] b[c, m]`` for all shifts g: ``(n, K, H, W)`` from the FFTs."""
+    prod = torch.einsum("nchw,kchw->nkhw", a_hat, b_hat.conj())
+    return torch.fft.ifft2(prod).real
+
+
+def _all_shifts(x: torch.Tensor) -> torch.Tensor:
+    """``T_g x`` for every shift g: ``(n, H, W, C, H, W)`` with ``[:, gi, gj] = roll(x, g)``."""
+    h, w = x.shape[-2:]
+    idx_h, idx_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    rows = (idx_h[None, :] - idx_h[:, None]) % h  # [g, n] = n - g
+    cols = (idx_w[None, :] - idx_w[:, None]) % w
+    out = x[:, :, rows][..., cols]  # (n, C, gi, H, gj, W)
+    return out.permute(0, 2, 4, 1, 3, 5)
+
+
+def _invariant_norms(m: LinearMap) -> Callable:
+    """``‖M T_g x‖² = ‖M x‖²`` for a map that commutes with every shift."""
+    return lambda x: m.A(x).pow(2).sum(dim=(1, 2, 3))[None, :, None, None]
 
 
 # ------------------------------------------------------------------------- base class
@@ -106,7 +144,6 @@ def _complex(dtype: torch.dtype) -> torch.dtype:
 class LinearMap:
     """A linear map between batches of images; see the module docstring."""
 
-    structure = "general"
     period: tuple[int, int] | None = None
 
     def output_shape(self, in_shape: Shape) -> Shape:
@@ -151,6 +188,41 @@ class LinearMap:
         the output size (dense here; exact closed forms in the subclasses)."""
         m = self.matrix(in_shape)
         return float(m.square().sum().div(m.shape[0]).sqrt())
+
+    # What the estimators exploit: the general case here, the structured ones overridden.
+
+    def row_projector(self, in_shape) -> Callable | None:
+        """``M⁺M``, the projector onto ``Im Mᵀ``, on batches of image shape ``in_shape``
+        (``P_B`` of the MMSE, Remark 2.2); ``None`` where it is the identity. Dense here."""
+        _dense_limit(math.prod(in_shape), "P_B")
+        b = self.matrix(in_shape)
+        proj = torch.linalg.pinv(b) @ b
+        return lambda r: (r.reshape(r.shape[0], -1) @ proj.to(r.device)).reshape(r.shape)
+
+    def shift_norms(self, in_shape) -> Callable | None:
+        """``x -> ‖M T_g x_k‖²`` for every shift ``g``, broadcastable to ``(1, K, H, W)``, of
+        float64 batches ``x`` ``(K, C, H, W)`` of image shape ``in_shape``, where the
+        structure gives it by FFT (the augmented MMSE, Def. 3.4); ``None`` (here): every
+        translate is measured."""
+        return None
+
+    def shift_metric(self, in_shape, device):
+        """``(M Mᵀ)⁺`` between every translate ``T_g⁻¹ v`` and images ``z``, with the test
+        ``T_g⁻¹ v ∈ Im M``, for inputs of image shape ``in_shape`` (the E-MMSE, Thm. 3.5):
+        an object with ``prepare(v)`` and ``quadratic(prepared, z)``. Dense here."""
+        return _DenseMetric(self, in_shape, device)
+
+    def patch_classes(self, out_shape, p: int) -> torch.Tensor:
+        """Class of every location ``(H·W,)`` of outputs of image shape ``out_shape``: equal
+        labels share the Gram matrix ``Π_n M Mᵀ Π_nᵀ`` of the ``p × p`` patches (the classes
+        of the LE-MMSE, Thm. 3.8). Here the residue modulo ``period``, or one class per
+        location without a period."""
+        _, h, w = out_shape
+        if self.period is None:
+            return torch.arange(h * w)
+        si, sj = self.period
+        i, j = torch.arange(h)[:, None], torch.arange(w)[None, :]
+        return ((i % si) * sj + (j % sj)).reshape(-1)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -204,7 +276,6 @@ class ForwardOperator(LinearMap):
 class Identity(LinearMap):
     """The identity map (the physics-agnostic pre-inverse ``B = I``)."""
 
-    structure = "identity"
     period = (1, 1)
 
     def A(self, x):
@@ -218,6 +289,15 @@ class Identity(LinearMap):
 
     def image_support(self, in_shape) -> torch.Tensor:
         return torch.ones(_check_shape(in_shape, "in_shape"), dtype=torch.bool)
+
+    def row_projector(self, in_shape):
+        return None
+
+    def shift_norms(self, in_shape):
+        return _invariant_norms(self)
+
+    def shift_metric(self, in_shape, device):
+        return _FilterMetric(None)
 
 
 class Denoising(Identity, ForwardOperator):
@@ -241,8 +321,6 @@ class Denoising(Identity, ForwardOperator):
 
 class Diagonal(LinearMap):
     """Pixel-wise product ``x -> d ⊙ x`` by a fixed image ``d`` broadcastable to ``(C, H, W)``."""
-
-    structure = "diagonal"
 
     def __init__(self, d: torch.Tensor):
         self.d = _diagonal_image(d, "d")  # float64, cast to the input's precision at use
@@ -276,6 +354,23 @@ class Diagonal(LinearMap):
     def image_support(self, in_shape) -> torch.Tensor:
         """The pixels with ``d != 0``: ``d ⊙ x`` is exactly 0 elsewhere."""
         return self.diagonal(in_shape) != 0
+
+    def row_projector(self, in_shape):
+        keep = (self.diagonal(in_shape) != 0).double()
+        return None if keep.all() else (lambda r: r * keep.to(r.device))
+
+    def shift_norms(self, in_shape):
+        """``‖d ⊙ T_g x‖²``: the correlation of ``d²`` with ``x²``."""
+        d2_hat = torch.fft.fft2(self.diagonal(in_shape).double()[None] ** 2)
+        return lambda x: _correlate(d2_hat, torch.fft.fft2(x**2))[0][None]
+
+    def shift_metric(self, in_shape, device):
+        return _DiagonalMetric(self.diagonal(in_shape).double().to(device))
+
+    def patch_classes(self, out_shape, p):
+        """One class per pattern of ``d²`` on the patch."""
+        sq = self.diagonal(out_shape).double().cpu()[None] ** 2
+        return torch.unique(extract_patches(sq, p)[0], dim=0, return_inverse=True)[1]
 
     def to(self, device=None, dtype=None):
         moved = type(self)(self.d.to(device=device))
@@ -414,7 +509,6 @@ class Circulant(LinearMap):
     The same transfer function applies to every channel; ``period = (1, 1)``.
     """
 
-    structure = "circulant"
     period = (1, 1)
 
     def __init__(self, transfer_fn: Callable[[int, int], torch.Tensor], name: str = "Circulant"):
@@ -446,6 +540,24 @@ class Circulant(LinearMap):
     def noise_gain(self, in_shape) -> float:
         _, h, w = _check_shape(in_shape, "in_shape")
         return float(self.transfer(h, w).abs().square().mean().sqrt())  # Parseval
+
+    def row_projector(self, in_shape):
+        _, h, w = in_shape
+        keep = transfer_support(self.transfer(h, w)).to(torch.complex128)
+        if keep.real.all():
+            return None
+        return lambda r: torch.fft.ifft2(torch.fft.fft2(r) * keep.to(r.device)).real
+
+    def shift_norms(self, in_shape):
+        return _invariant_norms(self)
+
+    def shift_metric(self, in_shape, device):
+        """The filter ``1/|h|`` on the kept frequencies (``(MMᵀ)⁺ = Fᵀ F``)."""
+        _, h, w = in_shape
+        t = self.transfer(h, w)
+        keep = transfer_support(t)
+        inverse = torch.where(keep, 1.0 / torch.where(keep, t.abs(), 1.0), 0.0)
+        return _FilterMetric(inverse.to(device))
 
     def __repr__(self):
         return self.name
@@ -690,6 +802,95 @@ class _AdjointThenLowres(LinearMap):
 
     def __repr__(self):
         return self.name
+
+
+# -------------------------------------------- (M Mᵀ)⁺ over all translates (E-MMSE, Thm. 3.5)
+
+
+class _FilterMetric:
+    """``(MMᵀ)⁺ = Fᵀ F`` with ``F`` commuting with the shifts: the identity (``filter``
+    ``None``) or a circulant filter. ``Im M`` is shift-invariant: no support test."""
+
+    def __init__(self, filter: torch.Tensor | None):
+        self.filter = filter
+
+    def _filter(self, x):
+        if self.filter is None:
+            return x
+        return torch.fft.ifft2(torch.fft.fft2(x) * self.filter.to(x.device)).real
+
+    def prepare(self, v: torch.Tensor) -> dict:
+        """Per-query quantities that do not depend on the training images."""
+        fv = self._filter(v)
+        return {"v_hat": torch.fft.fft2(fv), "v2": fv.pow(2).sum(dim=(1, 2, 3))}
+
+    def quadratic(self, q: dict, z: torch.Tensor) -> torch.Tensor:
+        """``(T_g⁻¹v - z_k)ᵀ (MMᵀ)⁺ (T_g⁻¹v - z_k)``, ``(n, K, H, W)``."""
+        fz = self._filter(z)
+        cross = _correlate(q["v_hat"], torch.fft.fft2(fz))
+        z2 = fz.pow(2).sum(dim=(1, 2, 3))
+        return q["v2"][:, None, None, None] + z2[None, :, None, None] - 2 * cross
+
+
+class _DiagonalMetric:
+    """``(MMᵀ)⁺ = diag(ω)``, ``ω = 1/β²`` on the support of the diagonal ``β``; a shift is
+    in the support when ``T_g⁻¹v`` vanishes off it (a pattern test: exact zeros)."""
+
+    def __init__(self, beta: torch.Tensor):
+        support = beta != 0
+        self.omega = torch.where(support, 1.0 / torch.where(support, beta, 1.0) ** 2, 0.0)
+        self.outside_hat = torch.fft.fft2((~support).double())
+
+    def prepare(self, v: torch.Tensor) -> dict:
+        """Per-query quantities that do not depend on the training images."""
+        v_hat = torch.fft.fft2(v)
+        t1 = _correlate(torch.fft.fft2(v**2), torch.fft.fft2(self.omega[None]))[:, 0]
+        nonzero_hat = torch.fft.fft2((v != 0).double())
+        count = _correlate(nonzero_hat, self.outside_hat[None])[:, 0]
+        return {"v_hat": v_hat, "t1": t1, "bad": count.round() > 0}
+
+    def quadratic(self, q: dict, z: torch.Tensor) -> torch.Tensor:
+        """``(T_g⁻¹v - z_k)ᵀ (MMᵀ)⁺ (T_g⁻¹v - z_k)``, ``(n, K, H, W)``; ``inf`` off support."""
+        cross = _correlate(q["v_hat"], torch.fft.fft2(self.omega * z))
+        z2 = (self.omega * z**2).sum(dim=(1, 2, 3))
+        quad = q["t1"][:, None] + z2[None, :, None, None] - 2 * cross
+        return quad.masked_fill(q["bad"][:, None], torch.inf)
+
+
+class _DenseMetric:
+    """``(MMᵀ)⁺ = Wᵀ W`` from the SVD ``M = U S Vᵀ`` (``W = S⁻¹Uᵀ``, singular values cut at
+    ``max(M, D) · eps · s_1``); a shift is in the support when the distance of ``T_g⁻¹v`` to
+    ``Im U`` is within its rounding bound, :func:`image_rounding`."""
+
+    def __init__(self, m: LinearMap, in_shape, device):
+        _dense_limit(math.prod(m.output_shape(tuple(in_shape))), "E-MMSE")
+        matrix = m.matrix(in_shape)
+        u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
+        rank = int((s > s.max() * max(matrix.shape) * torch.finfo(s.dtype).eps).sum())
+        self.basis = u[:, :rank].to(device)
+        self.whiten = (u[:, :rank] / s[:rank]).T.to(device)  # (r, D): (MMᵀ)⁺ = Wᵀ W
+        self.lead, self.dim = float(s[0]), max(matrix.shape)  # for image_rounding
+
+    def prepare(self, v: torch.Tensor) -> dict:
+        """Per-query quantities that do not depend on the training images."""
+        n, c, h, w = v.shape
+        shifts = _all_shifts(v)  # [:, g] = T_g v, and T_g⁻¹ v = T_{-g} v
+        inv = torch.roll(shifts.flip(1, 2), shifts=(1, 1), dims=(1, 2)).reshape(n, h * w, -1)
+        resid = inv - (inv @ self.basis) @ self.basis.T
+        white = inv @ self.whiten.T  # ‖white‖ = ‖S⁻¹Uᵀu‖, the preimage of u = T_g⁻¹v
+        norm = v.flatten(1).norm(dim=1)[:, None]  # ‖T_g⁻¹v‖ = ‖v‖
+        data = torch.finfo(v.dtype).eps * (c * h * w) ** 0.5 * v.flatten(1).abs().amax(dim=1)
+        bound = image_rounding(self.dim, self.lead, white.norm(dim=2), norm, data[:, None])
+        bad = resid.norm(dim=2) > bound
+        return {"white": white, "bad": bad.reshape(n, h, w)}
+
+    def quadratic(self, q: dict, z: torch.Tensor) -> torch.Tensor:
+        """``(T_g⁻¹v - z_k)ᵀ (MMᵀ)⁺ (T_g⁻¹v - z_k)``, ``(n, K, H, W)``; ``inf`` off support."""
+        n, h, w = q["bad"].shape
+        keys = z.flatten(1) @ self.whiten.T
+        quad = torch.cdist(q["white"], keys[None].expand(n, -1, -1)).pow(2)
+        quad = quad.transpose(1, 2).reshape(n, -1, h, w)
+        return quad.masked_fill(q["bad"][:, None], torch.inf)
 
 
 # ------------------------------------------------------------------------ pre-inverses

@@ -3,9 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from .checks import check_int
-
-_EPS64 = torch.finfo(torch.float64).eps
+from .checks import _EPS64, check_int
 
 
 def check_patch_size(patch_size, shape=None, low: int = 1) -> int:

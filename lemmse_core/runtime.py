@@ -1,4 +1,4 @@
-"""Where and how computations run: the device and the seeds."""
+"""Where and how computations run: the device, the seeds and seeded noise."""
 
 import random
 import sys
@@ -19,6 +19,12 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)  # noqa: NPY002 (seeds code that uses the legacy global state)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def noise(shape, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard Gaussian noise of ``shape``, drawn on the CPU from ``generator`` (the same
+    draws on every device) and moved to :func:`device`."""
+    return torch.randn(shape, generator=generator, dtype=dtype).to(device())
 
 
 def progress_bar(**kwargs):

@@ -689,26 +689,26 @@ PRUNE_DIAG_CASES = [
 def _spy_scans(monkeypatch):
     """Record the number of queries of every explicit (group, block of queries) scan."""
     scanned = []
-    scan = lc.lemmse.LEMMSE._term_logits
+    scan = lc.lemmse.diagnostics.Diagnostics._term_logits
 
     def spy(self, cls, g, w, sigma):
         scanned.append(len(w))
         return scan(self, cls, g, w, sigma)
 
-    monkeypatch.setattr(lc.lemmse.LEMMSE, "_term_logits", spy)
+    monkeypatch.setattr(lc.lemmse.diagnostics.Diagnostics, "_term_logits", spy)
     return scanned
 
 
 def _unpruned(monkeypatch):
     """Make the diagnostics scan every (query, group) pair and the whole histogram."""
-    every = lc.lemmse._full_cap
-    monkeypatch.setattr(lc.lemmse, "_mass_guess", every)
-    bounds = lc.lemmse.LEMMSE._term_bounds
+    every = lc.lemmse.diagnostics._full_cap
+    monkeypatch.setattr(lc.lemmse.diagnostics, "_mass_guess", every)
+    bounds = lc.lemmse.diagnostics.Diagnostics._term_bounds
 
     def no_bounds(self, cls, w, masses, sigma):
         return torch.full_like(bounds(self, cls, w, masses, sigma), torch.inf)
 
-    monkeypatch.setattr(lc.lemmse.LEMMSE, "_term_bounds", no_bounds)
+    monkeypatch.setattr(lc.lemmse.diagnostics.Diagnostics, "_term_bounds", no_bounds)
 
 
 @pytest.mark.parametrize("sigma", [0.05, 0.3])
@@ -764,18 +764,18 @@ def test_le_mmse_mass_count_fallbacks(caps, monkeypatch):
     def tight(views, rows, mass, log_norm):
         return torch.zeros_like(rows)
 
-    monkeypatch.setattr(lc.lemmse, "_mass_guess", tight)
+    monkeypatch.setattr(lc.lemmse.diagnostics, "_mass_guess", tight)
     if caps == "guess and cap":
-        monkeypatch.setattr(lc.lemmse, "_mass_cap", tight)
+        monkeypatch.setattr(lc.lemmse.diagnostics, "_mass_cap", tight)
     redone = []
-    counts = lc.lemmse._MassHistogram.counts
+    counts = lc.lemmse.diagnostics._MassHistogram.counts
 
     def spy(self, mass):
         out = counts(self, mass)
         redone.append(int((~out[1]).sum()))
         return out
 
-    monkeypatch.setattr(lc.lemmse._MassHistogram, "counts", spy)
+    monkeypatch.setattr(lc.lemmse.diagnostics._MassHistogram, "counts", spy)
     _, again = engine(y, 0.3, diagnostics=True, mass=0.9, top_k=2)
     assert redone[0] > 0
     assert torch.equal(again.mass_count, diag.mass_count)

@@ -136,24 +136,66 @@ def test_preinverse_matrices(op_name, shape, kind):
 
 def check_structure(b, shape, mat):
     c, h, w = shape
-    if b.structure == "identity":
+    if isinstance(b, ops.Identity):
         torch.testing.assert_close(mat, torch.eye(mat.shape[0], dtype=mat.dtype))
-    elif b.structure == "diagonal":
+    elif isinstance(b, ops.Diagonal):
         torch.testing.assert_close(torch.diag(mat), b.diagonal(shape).reshape(-1).double())
         torch.testing.assert_close(mat, torch.diag(torch.diag(mat)))
-    elif b.structure == "circulant":
+    elif isinstance(b, ops.Circulant):
         kernel = torch.fft.ifft2(b.transfer(h, w))
         assert kernel.imag.abs().max() < 1e-10
         impulse = torch.zeros(1, c, h, w, dtype=torch.float64)
         impulse[..., 0, 0] = 1
         torch.testing.assert_close(b.A(impulse)[0, 0], kernel.real)
     else:
-        assert b.structure == "general" and b.period is not None
+        assert b.period is not None
         bbt = mat @ mat.T  # commutes with shifts by the period, on the output grid
         out = b.output_shape(shape)
         idx = torch.arange(mat.shape[0]).reshape(out)
         shifted = torch.roll(idx, shifts=b.period, dims=(1, 2)).reshape(-1)
         torch.testing.assert_close(bbt[shifted][:, shifted], bbt)
+
+
+@pytest.mark.parametrize("kind", ops.PREINVERSES)
+def test_structure_methods_match_dense(op_name, shape, kind):
+    """What the estimators ask of B (P_B, patch classes) and of A (norms over all shifts)
+    agree with dense linear algebra."""
+    op = make_operator(op_name, shape)
+    if kind == "identity" and isinstance(op, ops.Downsampling):
+        return
+    b = ops.preinverse(op, kind, lam=0.1 if kind == "tikhonov" else None)
+    y_shape = op.output_shape(shape)
+    mat = b.matrix(y_shape)
+    proj = b.row_projector(y_shape)
+    got = torch.eye(mat.shape[1]).double() if proj is None else apply_dense(proj, op, shape)
+    torch.testing.assert_close(got, torch.linalg.pinv(mat) @ mat, rtol=1e-9, atol=1e-9)
+    labels, p = b.patch_classes(shape, 3), 3
+    bbt = (mat @ mat.T).reshape(*shape, *shape)
+    grams = [_patch_gram(bbt, divmod(n, shape[2]), p) for n in range(shape[1] * shape[2])]
+    for n, label in enumerate(labels.tolist()):
+        first = int(torch.nonzero(labels == label)[0])
+        torch.testing.assert_close(grams[n], grams[first], rtol=1e-12, atol=1e-12)
+    norms = op.shift_norms(shape)
+    if norms is not None:
+        x = rand(shape, n=2, seed=3)
+        expected = torch.stack(
+            [
+                op.A(torch.roll(x, shifts=(i, j), dims=(2, 3))).pow(2).sum(dim=(1, 2, 3))
+                for i in range(shape[1])
+                for j in range(shape[2])
+            ],
+            dim=1,
+        ).reshape(1, 2, shape[1], shape[2])
+        torch.testing.assert_close(norms(x).expand_as(expected), expected)
+
+
+def _patch_gram(bbt, at, p):
+    """Gram matrix of the circular ``p × p`` patch at ``at`` from ``B Bᵀ`` ``(C, H, W)²``."""
+    _, h, w = bbt.shape[:3]
+    rows = torch.arange(at[0] - p // 2, at[0] + p // 2 + 1) % h
+    cols = torch.arange(at[1] - p // 2, at[1] + p // 2 + 1) % w
+    sub = bbt[:, rows][:, :, cols][..., rows, :][..., cols]
+    return sub.reshape(-1, sub[0, 0, 0].numel())
 
 
 @pytest.mark.parametrize("name", ["blur_gaussian", "blur_defocus"])

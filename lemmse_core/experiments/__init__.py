@@ -21,6 +21,7 @@ from .engine import (
 )
 from .grids import ARCHS, STUDIES, grid, select, tasks
 from .report import (
+    AGREEMENT_FLOORS,
     CONFIG,
     DIFFUSE,
     SHARED,
@@ -39,6 +40,7 @@ from .report import (
 from .spec import Spec
 
 __all__ = [
+    "AGREEMENT_FLOORS",
     "ARCHS",
     "COLUMNS",
     "MASS",
