@@ -613,6 +613,7 @@ def load(
     root: str | os.PathLike | None = None,
     resize: str = "pad",
     download: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Load the first ``n`` images of a dataset split as float32 ``(N, C, H, W)`` in ``[0, 1]``.
 
@@ -630,6 +631,9 @@ def load(
         download: fetch missing official files with ``pooch`` into ``root``,
             ``$LEMMSE_DATA`` or ``<repo>/data``; if False raise instead. FFHQ is never
             downloaded.
+        shard: ``(rank, world_size)``: only that rank's contiguous block of the ``n`` images
+            (:func:`shard_range`; blocks in rank order, sizes differing by at most 1, possibly
+            empty), for :mod:`lemmse_core.distributed`. Reads the images up to the block's end.
 
     Raises:
         FileNotFoundError: files missing and not downloadable (message says where to put them).
@@ -642,6 +646,14 @@ def load(
     n = _check_n(n, key, split)
     size = _check_positive_int(size, "size")
     color, resize = _check_color(color), _check_resize(resize)
+    if shard is not None:
+        check_shard(shard)
+        if n is None and key == "ffhq":  # the number available is only known once read
+            x = load(name, split, None, size, color, root, resize, download)
+            return x[slice(*shard_range(len(x), shard))]
+        start, stop = shard_range(REGISTRY[key]["sizes"][split] if n is None else n, shard)
+        x = load(name, split, max(stop, 1), size, color, root, resize, download)
+        return x[start:stop]
     if key == "ffhq":
         return _convert_color(_load_ffhq(split, n, size, root), color)
     if key == "cifar10":
@@ -650,6 +662,27 @@ def load(
         raw = _load_idx(key, split, n, root, download, "images").unsqueeze(1)
     x = _convert_color(raw.float().div_(255), color)
     return _resize(x, size, resize)
+
+
+def check_shard(shard) -> tuple[int, int]:
+    """A ``(rank, world_size)`` pair of ints with ``0 <= rank < world_size``."""
+    if not isinstance(shard, tuple) or len(shard) != 2:
+        raise TypeError(f"shard must be a tuple (rank, world_size), got {shard!r}")
+    for value, arg in zip(shard, ("rank", "world_size"), strict=True):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"shard {arg} must be an int, got {type(value).__name__}")
+    rank, world = int(shard[0]), int(shard[1])
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"shard must satisfy 0 <= rank < world_size, got {shard!r}")
+    return rank, world
+
+
+def shard_range(n: int, shard: tuple[int, int]) -> tuple[int, int]:
+    """``(start, stop)`` of rank ``r`` of ``world`` among ``n`` items: the contiguous block
+    ``[⌊r n / world⌋, ⌊(r + 1) n / world⌋)`` (rank order is index order; sizes differ by at
+    most 1)."""
+    rank, world = check_shard(shard)
+    return rank * n // world, (rank + 1) * n // world
 
 
 def centre_crop(x: torch.Tensor, size) -> torch.Tensor:
@@ -692,4 +725,5 @@ __all__ = [
     "data_root",
     "load",
     "load_labels",
+    "shard_range",
 ]

@@ -104,6 +104,22 @@ def _finish(out, diag, dtype, diagnostics):
 # ------------------------------------------------------------------------------ MMSE
 
 
+def mmse_logits(y, train, A, sigma, B, chunk_size=None) -> torch.Tensor:
+    """The MMSE log-weights ``ℓ_k = -‖P_B (y - A x_k)‖² / (2σ²)`` ``(n, K)`` (float64),
+    arguments checked (:func:`mmse`)."""
+    proj = B.row_projector(tuple(y.shape[1:]))
+    keep = proj or (lambda r: r)
+    py = keep(y.double()).flatten(1)
+    logits = []
+    per_image = 8 * (py.shape[0] + 2 * py.shape[1])  # one row of logits, A x_k and P_B A x_k
+    for k0, k1 in _image_chunks(train.shape[0], per_image, chunk_size):
+        pax = keep(A.A(train[k0:k1].double())).flatten(1)
+        dist = torch.cdist(py, pax).pow(2)
+        check_quadratic(dist, sigma)
+        logits.append(-dist / (2 * sigma**2))
+    return torch.cat(logits, dim=1)
+
+
 def mmse(
     y: torch.Tensor,
     train: torch.Tensor,
@@ -125,17 +141,7 @@ def mmse(
     B = check_problem(y, train, A, B)
     sigma, dtype = check_sigma(sigma), check_dtype(dtype)
     chunk_size, diagnostics = check_chunk_size(chunk_size), check_bool(diagnostics, "diagnostics")
-    proj = B.row_projector(tuple(y.shape[1:]))
-    keep = proj or (lambda r: r)
-    py = keep(y.double()).flatten(1)
-    logits = []
-    per_image = 8 * (py.shape[0] + 2 * py.shape[1])  # one row of logits, A x_k and P_B A x_k
-    for k0, k1 in _image_chunks(train.shape[0], per_image, chunk_size):
-        pax = keep(A.A(train[k0:k1].double())).flatten(1)
-        dist = torch.cdist(py, pax).pow(2)
-        check_quadratic(dist, sigma)
-        logits.append(-dist / (2 * sigma**2))
-    weights = torch.softmax(torch.cat(logits, dim=1), dim=1)
+    weights = torch.softmax(mmse_logits(y, train, A, sigma, B, chunk_size), dim=1)
     out = (weights @ train.double().flatten(1)).reshape(y.shape[0], *train.shape[1:])
     diag = GlobalDiagnostics(weights, 1.0 / (weights**2).sum(dim=1))
     return _finish(out, diag, dtype, diagnostics)
@@ -208,6 +214,21 @@ def augmented_mmse(
 # -------------------------------------------------------------------- E-MMSE (Thm. 3.5)
 
 
+def e_mmse_average(y, train, A, sigma, B, chunk_size=None) -> _ShiftSoftmaxAverage:
+    """The streaming E-MMSE average (Thm. 3.5) over the training images, arguments
+    checked (:func:`e_mmse`); its state gives the log-normaliser."""
+    metric = B.shift_metric(tuple(y.shape[1:]), y.device)  # (BBᵀ)⁺ and the support test
+    q = metric.prepare(B.A(y.double()))
+    avg = _ShiftSoftmaxAverage(y.shape[0], train)
+    per_image = 32 * train[0].numel() * (y.shape[0] + 1)
+    for k0, k1 in _image_chunks(train.shape[0], per_image, chunk_size):
+        z = B.A(A.A(train[k0:k1].double()))
+        quad = metric.quadratic(q, z)
+        check_quadratic(quad, sigma, excluded=True)  # inf: shifts off the support
+        avg.add(-quad / (2 * sigma**2), k0, k1)
+    return avg
+
+
 def e_mmse(
     y: torch.Tensor,
     train: torch.Tensor,
@@ -229,14 +250,5 @@ def e_mmse(
     B = check_problem(y, train, A, B)
     sigma, dtype = check_sigma(sigma), check_dtype(dtype)
     chunk_size, diagnostics = check_chunk_size(chunk_size), check_bool(diagnostics, "diagnostics")
-    metric = B.shift_metric(tuple(y.shape[1:]), y.device)  # (BBᵀ)⁺ and the support test
-    q = metric.prepare(B.A(y.double()))
-    avg = _ShiftSoftmaxAverage(y.shape[0], train)
-    per_image = 32 * train[0].numel() * (y.shape[0] + 1)
-    for k0, k1 in _image_chunks(train.shape[0], per_image, chunk_size):
-        z = B.A(A.A(train[k0:k1].double()))
-        quad = metric.quadratic(q, z)
-        check_quadratic(quad, sigma, excluded=True)  # inf: shifts off the support
-        avg.add(-quad / (2 * sigma**2), k0, k1)
-    out, diag = avg.result()
+    out, diag = e_mmse_average(y, train, A, sigma, B, chunk_size).result()
     return _finish(out, diag, dtype, diagnostics)

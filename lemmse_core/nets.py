@@ -1,4 +1,5 @@
-"""Local, translation-equivariant networks: UNet2D, ResNet and PatchMLP (paper App. C.2).
+"""Local, translation-equivariant networks: UNet2D, ResNet and PatchMLP (paper App. C.2);
+and two that are not, as practitioners write them: DnCNN and the strided U-Net.
 
 Each network maps a pre-inverted measurement ``v = B y`` ``(n, C, H, W)`` and the noise
 level σ (a float or an ``(n,)`` tensor) to an image ``(n, C, H, W)``:
@@ -39,7 +40,13 @@ from torch import nn
 from .checks import check_bool, check_int, check_noise_levels, check_real, check_tensor
 from .patches import check_patch_size
 
-NETS = ("unet", "resnet", "patchmlp")
+#: The local, translation-equivariant networks (Thm. 3.8's class F).
+LOCAL_NETS = ("unet", "resnet", "patchmlp")
+#: Networks that break the assumptions as practitioners' networks do (zero padding, strides):
+#: ``dncnn`` and ``stridedunet`` (the UNet2D with diffusers' strided down- and upsampling
+#: and zero padding, i.e. before the paper's modifications). Not local nor equivariant.
+OTHER_NETS = ("dncnn", "stridedunet")
+NETS = LOCAL_NETS + OTHER_NETS
 PRESETS = ("tiny", "small", "paper")
 PATCH_SIZES = (5, 7, 9, 11)
 SIGMA_DATA = 0.5
@@ -56,6 +63,12 @@ _PRESETS = {
         "tiny": {"width": 32, "blocks": 3},
         "small": {"width": 96, "blocks": 3},
         "paper": {"width": 512, "blocks": 3},
+    },
+    "dncnn": {"tiny": {"width": 32}, "small": {"width": 48}, "paper": {"width": 64}},
+    "stridedunet": {
+        "tiny": {"block_out_channels": (16, 32), "layers_per_block": 1},
+        "small": {"block_out_channels": (32, 64, 96), "layers_per_block": 1},
+        "paper": {"block_out_channels": (96, 224, 480), "layers_per_block": 1},
     },
     "patchmlp": {
         "tiny": {"width": 48, "hidden": 96, "blocks": 3},
@@ -139,11 +152,12 @@ class SigmaEmbedding(nn.Module):
         return self.mlp(sigma_embedding(sigma, self.features))
 
 
-def _conv(c_in: int, c_out: int, k: int, bias: bool = True) -> nn.Conv2d:
-    """Circular, stride-1 'same' convolution (1 × 1: no padding, hence no copy)."""
+def _conv(c_in: int, c_out: int, k: int, bias: bool = True, padding: str = "circular"):
+    """Stride-1 'same' convolution, circular (``padding="zeros"``: zero-padded, as most
+    practitioners' networks); 1 × 1: no padding, hence no copy."""
     if k == 1:
         return nn.Conv2d(c_in, c_out, 1, bias=bias)
-    return nn.Conv2d(c_in, c_out, k, padding=k // 2, padding_mode="circular", bias=bias)
+    return nn.Conv2d(c_in, c_out, k, padding=k // 2, padding_mode=padding, bias=bias)
 
 
 class LocalDenoiser(nn.Module):
@@ -206,10 +220,10 @@ class _ResnetBlock(nn.Module):
     """diffusers' ``ResnetBlock2D`` at full resolution: norm, SiLU, conv k×k (+ σ), norm,
     SiLU, conv 1×1, plus a (1×1 if needed) shortcut."""
 
-    def __init__(self, c_in: int, c_out: int, k: int, emb_dim: int, norm: str):
+    def __init__(self, c_in: int, c_out: int, k: int, emb_dim: int, norm: str, padding: str):
         super().__init__()
         self.norm1 = _norm2d(norm, c_in)
-        self.conv1 = _conv(c_in, c_out, k)
+        self.conv1 = _conv(c_in, c_out, k, padding=padding)
         self.emb = nn.Linear(emb_dim, c_out)
         self.norm2 = _norm2d(norm, c_out)
         self.conv2 = _conv(c_out, c_out, 1)
@@ -267,6 +281,12 @@ class UNet2D(LocalDenoiser):
     patches, which limits what the network can represent: measured here, the tiny preset's
     agreement with the LE-MMSE then levelled off at about 26 dB.) σ: sine-cosine embedding,
     two linear layers, a linear projection added in every ResNet block.
+
+    ``strided=True`` undoes both modifications, as in diffusers: zero padding, a 3 × 3
+    stride-2 convolution after every level but the last, nearest upsampling and a 3 × 3
+    convolution where the up path meets a finer skip. The field then exceeds ``p`` and
+    depends on the pixel's parity; only even shifts commute with it, and not at the
+    boundary (``nets.build("stridedunet", p)``).
     """
 
     def __init__(
@@ -277,11 +297,14 @@ class UNet2D(LocalDenoiser):
         layers_per_block: int = 1,
         norm: str = "batch",
         precondition: bool = True,
+        strided: bool = False,
     ):
         super().__init__()
         self.patch_size = patch_size = check_patch_size(patch_size, low=3)
         self.channels = channels = check_int(channels, "channels", low=1)
         self.precondition = check_bool(precondition, "precondition")
+        self.strided = check_bool(strided, "strided")
+        pad = "zeros" if strided else "circular"
         widths = tuple(check_int(c, "block_out_channels entry", low=1) for c in block_out_channels)
         if not widths:
             raise ValueError("block_out_channels must hold at least one width")
@@ -295,35 +318,60 @@ class UNet2D(LocalDenoiser):
         kernels = [2 * r + 1 for r in _radii((patch_size - 1) // 2, 2 * n_down + 4)]
         k_in, k_down, k_mid = kernels[0], kernels[1 : n_down + 1], kernels[n_down + 1]
         k_up, k_out = kernels[n_down + 2 : -1], kernels[-1]
-        self.conv_in = _conv(channels, c0, k_in)
+        self.conv_in = _conv(channels, c0, k_in, padding=pad)
         self.down = nn.ModuleList()
         skips, c = [c0], c0
         for i, width in enumerate(widths):
             for j in range(layers_per_block):
                 k = k_down[i * layers_per_block + j]
-                self.down.append(_ResnetBlock(c, width, k, emb_dim, norm))
+                self.down.append(_ResnetBlock(c, width, k, emb_dim, norm, pad))
                 c = width
                 skips.append(c)
-        self.mid = _ResnetBlock(c, c, k_mid, emb_dim, norm)
+        self.mid = _ResnetBlock(c, c, k_mid, emb_dim, norm, pad)
         self.up = nn.ModuleList()
         ku = iter(k_up)
         for i, width in enumerate(reversed(widths)):
             for _ in range(layers_per_block + (1 if i == 0 else 0)):
-                self.up.append(_ResnetBlock(c + skips.pop(), width, next(ku), emb_dim, norm))
+                block = _ResnetBlock(c + skips.pop(), width, next(ku), emb_dim, norm, pad)
+                self.up.append(block)
                 c = width
         self.norm_out = _norm2d(norm, c)
-        self.conv_out = _conv(c, channels, k_out)
+        self.conv_out = _conv(c, channels, k_out, padding=pad)
+        # strided: diffusers' Downsample2D after every level but the last, Upsample2D
+        # (nearest, then a 3 × 3 convolution) where the up path meets a finer skip
+        level_ends = [(i + 1) * layers_per_block for i in range(levels - 1)]
+        self.downsample = nn.ModuleDict(
+            {
+                str(i): nn.Conv2d(
+                    widths[i // layers_per_block - 1], widths[i // layers_per_block - 1], 3, 2, 1
+                )
+                for i in level_ends
+            }
+            if strided
+            else {}
+        )
+        self.upsample = (
+            nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for width in reversed(widths[1:]))
+            if strided
+            else nn.ModuleList()
+        )
 
     def body(self, h, sigma):
         emb = self.embedding(sigma)
         h = self.conv_in(h)
         skips = [h]
-        for block in self.down:
+        for i, block in enumerate(self.down, 1):
             h = block(h, emb)
             skips.append(h)
+            if str(i) in self.downsample:
+                h = self.downsample[str(i)](h)
         h = self.mid(h, emb)
+        up = iter(self.upsample)
         for block in self.up:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            skip = skips.pop()
+            if skip.shape[-1] != h.shape[-1]:
+                h = next(up)(F.interpolate(h, size=skip.shape[-2:], mode="nearest"))
+            h = block(torch.cat([h, skip], dim=1), emb)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -440,9 +488,68 @@ class PatchMLP(LocalDenoiser):
         return self.head(self.norm_out(x)).permute(0, 3, 1, 2)
 
 
+# ------------------------------------------------------- networks the book did not design
+
+
+class _DnCNNLayer(nn.Module):
+    """``ReLU(BN(conv 3 × 3(x + emb)))``, zero-padded (DnCNN's middle layer, plus σ)."""
+
+    def __init__(self, width: int, emb_dim: int):
+        super().__init__()
+        self.emb = nn.Linear(emb_dim, width)
+        self.conv = _conv(width, width, 3, bias=False, padding="zeros")
+        self.norm = nn.BatchNorm2d(width)
+
+    def forward(self, x, emb):
+        return F.relu(self.norm(self.conv(x + self.emb(emb)[:, :, None, None])))
+
+
+class DnCNN(LocalDenoiser):
+    """DnCNN (Zhang et al., 2017) as practitioners write it: ``(p - 1) / 2`` zero-padded
+    3 × 3 convolutions (conv + ReLU, then conv + BatchNorm + ReLU, then conv), so its field
+    is ``p`` in the interior only, and it is not translation-equivariant near the boundary
+    (a case of the book's explain chapter, not of Thm. 3.8's class). σ enters as in
+    :class:`ResNet`; with the same EDM wrapper, the body predicts the scaled residual."""
+
+    def __init__(
+        self,
+        patch_size: int = 11,
+        channels: int = 1,
+        width: int = 32,
+        precondition: bool = True,
+    ):
+        super().__init__()
+        self.channels = channels = check_int(channels, "channels", low=1)
+        self.patch_size = patch_size = check_patch_size(patch_size, low=5)  # 2 layers
+        self.precondition = check_bool(precondition, "precondition")
+        width = check_int(width, "width", low=1)
+        self.embedding = SigmaEmbedding(width, width)
+        self.conv_in = _conv(channels, width, 3, padding="zeros")
+        depth = (patch_size - 1) // 2
+        self.layers = nn.ModuleList(_DnCNNLayer(width, width) for _ in range(depth - 2))
+        self.conv_out = _conv(width, channels, 3, padding="zeros")
+
+    def body(self, h, sigma):
+        emb = F.silu(self.embedding(sigma))
+        h = F.relu(self.conv_in(h))
+        for layer in self.layers:
+            h = layer(h, emb)
+        return self.conv_out(h)
+
+
+def _strided_unet(**kwargs) -> UNet2D:
+    return UNet2D(strided=True, **kwargs)
+
+
 # ------------------------------------------------------------------------------- build
 
-_CLASSES = {"unet": UNet2D, "resnet": ResNet, "patchmlp": PatchMLP}
+_CLASSES = {
+    "unet": UNet2D,
+    "resnet": ResNet,
+    "patchmlp": PatchMLP,
+    "dncnn": DnCNN,
+    "stridedunet": _strided_unet,
+}
 
 
 def build(
@@ -451,7 +558,9 @@ def build(
     """A local, translation-equivariant network, called as ``net(v, sigma)``.
 
     Args:
-        name: ``"unet"``, ``"resnet"`` or ``"patchmlp"``.
+        name: ``"unet"``, ``"resnet"`` or ``"patchmlp"`` (:data:`LOCAL_NETS`), or
+            ``"dncnn"``, ``"stridedunet"`` (:data:`OTHER_NETS`: ``p`` is then the field
+            of the convolutions at full resolution, not a guarantee).
         patch_size: receptive field ``p`` (odd; the paper uses 5, 7, 9, 11).
         channels: image channels ``C`` (input and output).
         preset: ``"tiny"``, ``"small"`` or ``"paper"`` (see ``_PRESETS``).

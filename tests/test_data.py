@@ -556,3 +556,29 @@ def test_centre_crop():
     assert torch.equal(data.centre_crop(x, 14), x)
     with pytest.raises(ValueError, match="larger"):
         data.centre_crop(x, 15)
+
+
+@pytest.mark.parametrize("n, world", [(10, 3), (2, 3), (7, 1), (0, 2)])
+def test_shards_partition_the_first_n_images_in_order(n, world):
+    blocks = [data.shard_range(n, (rank, world)) for rank in range(world)]
+    assert blocks[0][0] == 0 and blocks[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:], strict=False))
+    assert max(b - a for a, b in blocks) - min(b - a for a, b in blocks) <= 1
+    if n:
+        full = data.load("fashionmnist", "train", n)
+        parts = [data.load("fashionmnist", "train", n, shard=(r, world)) for r in range(world)]
+        assert torch.equal(torch.cat(parts), full)
+
+
+@pytest.mark.parametrize(
+    "shard, error, match",
+    [
+        ((2, 2), ValueError, "rank < world_size"),
+        ([0, 1], TypeError, "tuple"),
+        ((0.0, 1), TypeError, "rank must be an int"),
+        ((0, True), TypeError, "world_size"),
+    ],
+)
+def test_bad_shard_is_named(shard, error, match):
+    with pytest.raises(error, match=match):
+        data.load("fashionmnist", "train", 4, shard=shard)

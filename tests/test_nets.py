@@ -30,7 +30,7 @@ def test_input_gradient_of_a_pointwise_map_is_one_pixel():
 
 
 @pytest.mark.parametrize("p", nets.PATCH_SIZES)
-@pytest.mark.parametrize("name", nets.NETS)
+@pytest.mark.parametrize("name", nets.LOCAL_NETS)
 def test_receptive_field_is_exactly_p(name, p):
     torch.manual_seed(0)
     net = nets.build(name, p, 1, "tiny").double().eval()
@@ -42,7 +42,7 @@ def test_receptive_field_is_exactly_p(name, p):
         assert torch.all(grad[border] > 0), f"{name} p={p}: blind on the window border"
 
 
-@pytest.mark.parametrize("name", nets.NETS)
+@pytest.mark.parametrize("name", nets.LOCAL_NETS)
 def test_receptive_field_without_preconditioning_and_in_color(name):
     torch.manual_seed(0)
     net = nets.build(name, 7, 3, "tiny", precondition=False).double().eval()
@@ -58,7 +58,7 @@ def test_receptive_field_of_a_deeper_unet():
     assert torch.all(grad[~window(5, 5, 9)] == 0) and torch.all(grad[window(5, 5, 9)] > 0)
 
 
-@pytest.mark.parametrize("name", nets.NETS)
+@pytest.mark.parametrize("name", nets.LOCAL_NETS)
 def test_translation_equivariance(name):
     torch.manual_seed(0)
     net = nets.build(name, 5, 3, "tiny").eval()
@@ -73,7 +73,7 @@ def test_translation_equivariance(name):
     assert out.shape == v.shape and out.dtype == v.dtype
 
 
-@pytest.mark.parametrize("name", nets.NETS)
+@pytest.mark.parametrize("name", nets.LOCAL_NETS)
 def test_sigma_conditioning(name):
     torch.manual_seed(0)
     net = nets.build(name, 5, 1, "tiny", precondition=False).eval()
@@ -97,7 +97,7 @@ def test_preconditioning_is_identity_at_zero_noise_and_mean_at_large_noise():
 
 def test_parameter_counts_of_the_presets():
     counts = {}
-    for name in nets.NETS:
+    for name in nets.LOCAL_NETS:
         tiny, small, paper = (
             nets.count_parameters(nets.build(name, 5, 1, size)) for size in nets.PRESETS
         )
@@ -118,3 +118,36 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="shape"):
         nets.build("patchmlp", 5, 1)(torch.rand(1, 3, 8, 8), 0.1)
     assert nets.preset("unet", "tiny") == nets._PRESETS["unet"]["tiny"]
+
+
+def test_dncnn_field_is_p_in_the_interior_and_zero_padding_breaks_equivariance():
+    torch.manual_seed(0)
+    net = nets.build("dncnn", 7, 1, "tiny").double().eval()
+    grad = input_gradient(net, SIZE // 2, SIZE // 2)
+    inside = window(SIZE // 2, SIZE // 2, 7)
+    assert torch.all(grad[~inside] == 0) and torch.all(
+        grad[inside & ~window(SIZE // 2, SIZE // 2, 5)] > 0
+    )
+    corner = input_gradient(net, 0, 0)
+    assert torch.all(corner[SIZE - 3 :, :] == 0)  # no wrap-around: zero padding
+
+
+@pytest.mark.parametrize("name", nets.OTHER_NETS)
+def test_other_nets_are_not_equivariant(name):
+    torch.manual_seed(0)
+    net = nets.build(name, 5, 3, "tiny").eval()
+    v = torch.rand(2, 3, 13, 11)  # odd sides: the strided path rounds up and back
+    with torch.no_grad():
+        out = net(v, 0.2)
+        shifted = net(torch.roll(v, (2, 2), dims=(2, 3)), 0.2)
+    assert out.shape == v.shape
+    assert (shifted - torch.roll(out, (2, 2), dims=(2, 3))).abs().max() > 1e-3
+
+
+def test_strided_unet_reaches_beyond_p_with_parity_dependent_field():
+    torch.manual_seed(0)
+    net = nets.build("stridedunet", 5, 1, "tiny").double().eval()
+    c = SIZE // 2
+    grads = [torch.roll(input_gradient(net, i, i), (c - i, c - i), (0, 1)) for i in (c, c + 1)]
+    assert all(int((g != 0).sum()) > 25 for g in grads)  # beyond the 5 × 5 window
+    assert not torch.allclose(grads[0], grads[1])  # the field depends on the parity

@@ -158,11 +158,8 @@ class LEMMSE:
         rtol, error_bound, chunk_size, diagnostics, mass, top_k, progress = check_lemmse_options(
             rtol, error_bound, chunk_size, diagnostics, mass, top_k, progress
         )
-        v = check_measurement(v, self.train, self.shape, "v", f"B y has shape {self.shape}")
-        sigma = check_lemmse_sigma(self, v, sigma, diagnostics)
+        sigma, u, stratum, active = self.queries(v, sigma, diagnostics)
         n, (c, h, w) = v.shape[0], self.shape
-        u = extract_patches(v.double(), self.p).reshape(n * h * w, -1)
-        stratum, active = self.store.active(u, _query_rounding(v, self.p))
 
         def image(flat, dtype=self.dtype):
             return flat.reshape(n, h, w, c).permute(0, 3, 1, 2).to(dtype).contiguous()
@@ -174,6 +171,16 @@ class LEMMSE:
             u, active, stratum, sigma, (n, h, w), chunk_size, progress, top_k, mass
         )
         return image(flat), diag
+
+    def queries(self, v: torch.Tensor, sigma: float, diagnostics: bool = False):
+        """``(sigma, u, stratum, active)``: σ checked (:meth:`estimate`), the query patches
+        ``u`` ``(n·H·W, P)`` (float64, row-major pixels) of ``v`` checked, their stratum ranks
+        and active classes (Prop. B.5)."""
+        v = check_measurement(v, self.train, self.shape, "v", f"B y has shape {self.shape}")
+        sigma = check_lemmse_sigma(self, v, sigma, diagnostics)
+        n, (_, h, w) = v.shape[0], self.shape
+        u = extract_patches(v.double(), self.p).reshape(n * h * w, -1)
+        return (sigma, u, *self.store.active(u, _query_rounding(v, self.p)))
 
     def __call__(self, y: torch.Tensor, sigma: float, **kwargs):
         """LE-MMSE of measurements ``y`` (see :meth:`estimate` for the keywords)."""

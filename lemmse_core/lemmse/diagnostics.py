@@ -59,28 +59,21 @@ class Diagnostics:
     def run(self, u, active, stratum, sigma, grid, chunk_size, progress, top_k, mass):
         """Estimate ``(Q, C)`` and :class:`PatchDiagnostics` of the queries ``u`` of an
         ``(n, H, W)`` ``grid``, with their active classes and stratum ranks."""
-        n, h, w = grid
+        flat, log_norm, terms, mass_count = self.terms(
+            u, active, sigma, grid[2], chunk_size, progress, top_k, mass
+        )
+        diag = patch_diagnostics(grid, log_norm, stratum, sigma, self.n_train, terms, mass_count)
+        return flat, diag
+
+    def terms(self, u, active, sigma, width, chunk_size, progress, top_k, mass):
+        """Estimate, log-normaliser, heaviest terms (weights, counts, images, locations, of
+        :meth:`_TopK.result`) and mass counts (or ``None``) of the queries ``u`` of images of
+        ``width`` columns."""
         top = _TopK(len(u), top_k, self.classes, u.device)
         flat, log_norm, mass_count = self._diagnosed(
             u, active, sigma, chunk_size, progress, top, mass
         )
-        log_density = (
-            log_norm
-            - 0.5 * stratum.double() * math.log(2 * math.pi * sigma**2)
-            - math.log(self.n_train * h * w)
-        )
-        weights, counts, sources, location = top.result(log_norm, self.n_train, w)
-        if mass_count is not None:
-            mass_count = mass_count.reshape(n, h, w)
-        return flat, PatchDiagnostics(
-            log_density.reshape(n, h, w),
-            stratum.reshape(n, h, w),
-            weights.reshape(n, h, w, -1),
-            counts.reshape(n, h, w, -1),
-            sources.reshape(n, h, w, -1),
-            location.reshape(n, h, w, -1, 2),
-            mass_count,
-        )
+        return flat, log_norm, top.result(log_norm, self.n_train, width), mass_count
 
     def _diagnosed(self, u, active, sigma, chunk_size, progress, top, mass):
         """Estimate, log-normaliser and mass counts (``None`` without ``mass``); fills ``top``.
@@ -207,6 +200,29 @@ class Diagnostics:
                 self._scan_class(view, sigma, None, hist)
             counts[~exact], exact[~exact] = hist.counts(mass)
         return counts
+
+
+def patch_diagnostics(grid, log_norm, stratum, sigma, n_train, terms, mass_count):
+    """:class:`PatchDiagnostics` on an ``(n, H, W)`` ``grid`` from the log-normaliser
+    over ``n_train`` images, the stratum ranks, the heaviest ``terms`` and the mass counts."""
+    n, h, w = grid
+    log_density = (
+        log_norm
+        - 0.5 * stratum.double() * math.log(2 * math.pi * sigma**2)
+        - math.log(n_train * h * w)
+    )
+    weights, counts, sources, location = terms
+    if mass_count is not None:
+        mass_count = mass_count.reshape(n, h, w)
+    return PatchDiagnostics(
+        log_density.reshape(n, h, w),
+        stratum.reshape(n, h, w),
+        weights.reshape(n, h, w, -1),
+        counts.reshape(n, h, w, -1),
+        sources.reshape(n, h, w, -1),
+        location.reshape(n, h, w, -1, 2),
+        mass_count,
+    )
 
 
 def _by_class(records):
