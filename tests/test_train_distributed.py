@@ -81,6 +81,7 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+@pytest.mark.timeout(300)  # a rank waiting forever fails instead of hanging
 def test_ddp_matches_one_process_and_uses_its_run_folder(tmp_path):
     cfg = config()
     single = train.fit(cfg, images(), device="cpu", root=tmp_path / "one", progress=False)
