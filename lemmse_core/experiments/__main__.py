@@ -5,7 +5,10 @@
     python -m lemmse_core.experiments report --profile quick|paper [--only PATTERN]
 
 ``run`` trains and evaluates every spec with a progress bar per run, resumes after an
-interruption, and writes the table to ``<runs>/tables/<profile>.csv``. ``report`` prints
+interruption, and writes the table to ``<runs>/tables/<profile>.csv``. Under
+``torchrun --nproc-per-node=K -m lemmse_core.experiments run ...`` each rank runs its share
+of the specs on its own device and rank 0 writes the table
+(:mod:`~lemmse_core.experiments.distribute`). ``report`` prints
 the paper's Table 2 of the specs already finished, computing nothing. PATTERN is a glob
 on the spec names (a plain word matches any name that contains it); ``--study NAME``
 keeps one study of :data:`~lemmse_core.experiments.STUDIES` (default: all of them).
@@ -21,6 +24,7 @@ import sys
 import pandas as pd
 
 from .. import profiles, train
+from .distribute import run_grid
 from .engine import run_one
 from .grids import STUDIES, grid
 from .report import table2
@@ -61,18 +65,15 @@ def _table(results, args, name: str) -> None:
 
 
 def _run(args) -> int:
-    specs, results = _specs(args), []
+    specs = _specs(args)
+    name = args.profile if not args.only else f"{args.profile}-only"
     try:
-        for i, spec in enumerate(specs, 1):
-            print(f"[{i}/{len(specs)}] {spec.name}", flush=True)
-            result = run_one(spec, root=args.root, device=args.device)
-            print(f"  {result.summary}", flush=True)
-            results.append(result)
+        return run_grid(
+            specs, lambda results: _table(results, args, name), root=args.root, device=args.device
+        )
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return 130
-    _table(results, args, args.profile if not args.only else f"{args.profile}-only")
-    return 0
 
 
 def _report(args) -> int:
