@@ -64,6 +64,9 @@ _QUICK = {
     # Patch size and dataset size: the runs are ex.grid(study="patch_size" / "dataset_size").
     "sizes": {"shown_sigmas": (0.1, 0.7), "low_sigma": 0.2},
     "resolution": {"shown_sigmas": (0.2,)},
+    # training images of the rate measurement (gray, colour) and the explained images
+    "scale": {"rate_train": (200, 100)},
+    "other_networks": {"sigma": 0.2, "images": 1},
 }
 _PAPER = {
     "tour": {"n_train": 10000, "patch_size": 5},
@@ -118,6 +121,8 @@ _PAPER = {
     "cnn": {"check_images": 128},
     "sizes": {"shown_sigmas": (0.1, 0.7), "low_sigma": 0.2},
     "resolution": {"shown_sigmas": (0.2,)},
+    "scale": {"rate_train": (10000, 2000)},
+    "other_networks": {"sigma": 0.2, "images": 4},
 }
 
 

@@ -14,6 +14,7 @@ from test_data import needs
 
 import lemmse_core as lc
 from lemmse_core import experiments as ex
+from lemmse_core import nets
 from lemmse_core.experiments import engine
 from lemmse_core.experiments.__main__ import main
 
@@ -154,6 +155,21 @@ def test_resolution_study_is_the_three_tasks_at_64(profile):
     }
     assert ex.select(specs, task="inpainting_center:30")
     assert len({(s.n_train, s.batch_size, s.steps) for s in specs}) == 1
+
+
+@pytest.mark.parametrize("profile", ["quick", "paper"])
+def test_other_networks_study_is_trained_as_the_unet(profile):
+    specs = {s.arch: s for s in ex.grid(profile, "other_networks")}
+    assert set(specs) == set(nets.OTHER_NETS)
+    unet = ex.select(ex.grid(profile, "patch_size"), patch_size=5)[0]
+    same = ("dataset", "size", "color", "n_train", "task", "preinverse", "batch_size", "lr")
+    for spec in specs.values():
+        assert all(getattr(spec, k) == getattr(unet, k) for k in same)
+    # the strided U-Net is compared with the U-Net's LE-MMSE: one formula evaluation
+    assert specs["stridedunet"].formula_fields() == unet.formula_fields()
+    side = unet.size or 28
+    assert 5 < specs["dncnn"].patch_size < side  # a large field, smaller than the image
+    assert set(specs["dncnn"].sigmas) <= set(unet.sigmas)  # the chapter compares them
 
 
 _DIAGNOSED = {

@@ -11,7 +11,9 @@ Besides ``table2`` (the grid above), :data:`STUDIES` name the specs of the paper
 Secs. 4.2–4.3 and App. D.3–D.7, which reuse its networks where they can: ``density``
 (Figs. 6, 17: the formula's diagnostics on the denoisers), ``ood`` (Figs. 7, 25: test images
 of another dataset), ``patch_size`` (Figs. 18, 19), ``dataset_size`` (Fig. 26) and
-``resolution`` (Sec. 4.5, Figs. 9, 27: the three tasks on FFHQ faces at 64 × 64).
+``resolution`` (Sec. 4.5, Figs. 9, 27: the three tasks on FFHQ faces at 64 × 64) and
+``other_networks`` (networks outside Thm. 3.8's class: a zero-padded DnCNN with a large
+field and the strided U-Net, same data and recipe as the U-Net denoiser).
 ``grid(study="all")`` is their union, one spec per run (what ``make runs`` computes).
 """
 
@@ -40,7 +42,13 @@ _RECIPES = {
             "eval_test": 4,
             "sigmas": (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
         },
-        "steps": {"unet": 1400, "resnet": 3500, "patchmlp": 2000},
+        "steps": {
+            "unet": 1400,
+            "resnet": 3500,
+            "patchmlp": 2000,
+            "dncnn": 1400,
+            "stridedunet": 1400,
+        },
     },
     "paper": {
         "common": {
@@ -53,7 +61,7 @@ _RECIPES = {
             "eval_test": 32,
             "sigmas": (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
         },
-        "steps": {"unet": 25000, "resnet": 25000, "patchmlp": 25000},
+        "steps": {a: 25000 for a in ("unet", "resnet", "patchmlp", "dncnn", "stridedunet")},
     },
 }
 
@@ -115,6 +123,8 @@ _SWEEPS = {
         "ood": (("fashionmnist", "mnist"), ("cifar10", "ffhq")),
         "density": ("fashionmnist", "cifar10"),
         "resolution": {"n_train": 12, "batch_size": 4},
+        # the DnCNN's field (the formula at p = 11 costs about 5x p = 5), its evaluation
+        "dncnn": {"patch_size": 11, "sigmas": (0.1, 0.2, 0.5), "eval_train": 2, "eval_test": 2},
     },
     "paper": {
         "data": {"dataset": "ffhq", "size": 32, "color": True},
@@ -124,6 +134,7 @@ _SWEEPS = {
         "density": ("fashionmnist", "cifar10", "ffhq"),
         # the paper's N at 64 × 64 is not in its text; 5000 faces: 2 · 10⁷ patches of 75
         "resolution": {"n_train": 5000, "batch_size": 64, "eval_train": 8, "eval_test": 8},
+        "dncnn": {"patch_size": 17, "sigmas": (0.05, 0.1, 0.2, 0.5)},  # 8 layers on 32 × 32
     },
 }
 HIGH_RES = {"dataset": "ffhq", "size": 64, "color": True}  # the data of Sec. 4.5
@@ -170,6 +181,16 @@ def _resolution(profile: str) -> list[Spec]:
     return [_spec(profile, "unet", **recipe, **pair) for pair in pairs]
 
 
+def _other_networks(profile: str) -> list[Spec]:
+    """The DnCNN (zero padding, field ``p``) and the strided U-Net (field 5 at full
+    resolution, as the U-Net it is compared with) on the patch-size sweep's data."""
+    data = _SWEEPS[profile]["data"]
+    return [
+        _spec(profile, "dncnn", **data, **_SWEEPS[profile]["dncnn"]),
+        _spec(profile, "stridedunet", **data),
+    ]
+
+
 STUDIES = {
     "table2": lambda profile: {"quick": _quick, "paper": _paper}[profile](profile),
     "density": _density,
@@ -177,6 +198,7 @@ STUDIES = {
     "patch_size": _patch_size,
     "dataset_size": _dataset_size,
     "resolution": _resolution,
+    "other_networks": _other_networks,
 }
 
 
