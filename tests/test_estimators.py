@@ -761,7 +761,7 @@ def test_le_mmse_mass_count_fallbacks(caps, monkeypatch):
     engine = lc.LEMMSE(train, A, P, B, dtype=torch.float64, group_size=4)
     _, diag = engine(y, 0.3, diagnostics=True, mass=0.9, top_k=2)
 
-    def tight(views, rows, mass, log_norm):
+    def tight(views, rows, mass, log_norm, sync=None):
         return torch.zeros_like(rows)
 
     monkeypatch.setattr(lc.lemmse.diagnostics, "_mass_guess", tight)
@@ -770,8 +770,8 @@ def test_le_mmse_mass_count_fallbacks(caps, monkeypatch):
     redone = []
     counts = lc.lemmse.diagnostics._MassHistogram.counts
 
-    def spy(self, mass):
-        out = counts(self, mass)
+    def spy(self, mass, sync):
+        out = counts(self, mass, sync)
         redone.append(int((~out[1]).sum()))
         return out
 

@@ -52,9 +52,9 @@ class Diagnostics:
     """The diagnostics pass over the classes of a :class:`~lemmse_core.lemmse.engine.QueryEngine`
     (``n_train`` training images)."""
 
-    def __init__(self, engine: QueryEngine, n_train: int):
-        self.engine, self.classes, self.dtype = engine, engine.classes, engine.dtype
-        self.n_train = n_train
+    def __init__(self, engine: QueryEngine | None, n_train: int):
+        self.engine, self.n_train = engine, n_train  # no engine: an empty shard's scan
+        self.dtype = None if engine is None else engine.dtype
 
     def run(self, u, active, stratum, sigma, grid, chunk_size, progress, top_k, mass):
         """Estimate ``(Q, C)`` and :class:`PatchDiagnostics` of the queries ``u`` of an
@@ -69,39 +69,49 @@ class Diagnostics:
         """Estimate, log-normaliser, heaviest terms (weights, counts, images, locations, of
         :meth:`_TopK.result`) and mass counts (or ``None``) of the queries ``u`` of images of
         ``width`` columns."""
-        top = _TopK(len(u), top_k, self.classes, u.device)
+        top = _TopK(len(u), top_k, self.engine.classes, u.device)
         flat, log_norm, mass_count = self._diagnosed(
             u, active, sigma, chunk_size, progress, top, mass
         )
         return flat, log_norm, top.result(log_norm, self.n_train, width), mass_count
 
     def _diagnosed(self, u, active, sigma, chunk_size, progress, top, mass):
-        """Estimate, log-normaliser and mass counts (``None`` without ``mass``); fills ``top``.
-
-        One grouped pass (the plain estimate, recording each group's weight), then explicit
-        per-term log-weights only for the groups whose bounds let them matter (THEORY.md
-        items 8, 9): the same values as if every term were listed.
-        """
+        """Estimate, log-normaliser and mass counts (``None`` without ``mass``); fills ``top``:
+        one grouped pass (the plain estimate, recording each group's weight), then
+        :meth:`scan`."""
         records = []
         flat, _, log_norm = self.engine.run(u, active, sigma, 0.0, chunk_size, progress, records)
+        return flat, log_norm, self.scan(records, u, sigma, log_norm, top, mass, progress)
+
+    def scan(self, records, u, sigma, log_norm, top, mass, progress, sync=None):
+        """Fills ``top`` and returns the mass counts (``None`` without ``mass``) of the
+        queries ``u``, from the ``records`` of the estimate pass and the log-normaliser
+        ``log_norm``: explicit per-term log-weights only for the groups whose bounds let
+        them matter (THEORY.md items 8, 9), the same values as if every term were listed.
+
+        ``sync`` (:class:`Local` by default) reduces the histogram caps (max) and sums
+        (sum) over the shards of :mod:`lemmse_core.distributed`, where ``log_norm`` is that
+        of the union and every shard, even an empty one (no records), calls this.
+        """
         if top.k == 0 and mass is None:
-            return flat, log_norm, None
+            return None
+        sync = sync or Local()
         classes, top = _by_class(records), top if top.k else None
-        counts = torch.zeros(len(u), dtype=torch.long, device=u.device)
-        blocks = range(0, len(u), _DIAG_QUERIES)
+        counts = torch.zeros(len(log_norm), dtype=torch.long, device=log_norm.device)
+        blocks = range(0, len(log_norm), _DIAG_QUERIES)
         for r0 in tqdm(blocks, desc="LE-MMSE diagnostics", disable=not progress):
-            block = torch.arange(r0, min(r0 + _DIAG_QUERIES, len(u)), device=u.device)
+            block = torch.arange(r0, min(r0 + _DIAG_QUERIES, len(log_norm)), device=counts.device)
             views = [self._view(cls, rows, m, block, u, sigma) for cls, rows, m in classes]
             views = [view for view in views if view is not None]
             hist = None
             if mass is not None:
-                guess = _mass_guess(views, block, mass, log_norm)
+                guess = sync.max(_mass_guess(views, block, mass, log_norm))
                 hist = _MassHistogram(block, guess, log_norm)
             for view in views:
                 self._scan_class(view, sigma, top, hist)
             if hist is not None:
-                counts[block] = self._mass_counts(views, sigma, hist, mass)
-        return flat, log_norm, counts if mass is not None else None
+                counts[block] = self._mass_counts(views, sigma, hist, mass, sync)
+        return counts if mass is not None else None
 
     def _view(self, cls, rows, masses, block, u, sigma):
         """The queries of ``block`` (ascending) active in ``cls``, whitened, with the bounds
@@ -184,10 +194,10 @@ class Diagnostics:
         s = torch.addmm(ext[:, r] / sigma**2, (q / sigma**2).to(self.dtype), ext[:, :r].T)
         return s, offset
 
-    def _mass_counts(self, views, sigma, hist, mass):
+    def _mass_counts(self, views, sigma, hist, mass, sync):
         """Mass counts of a block of queries. Where the guessed cap proved too tight, the
         histogram is redone up to the cap of :func:`_mass_cap`, then in full."""
-        counts, exact = hist.counts(mass)
+        counts, exact = hist.counts(mass, sync)
         block, log_norm = hist.rows, hist.log_norm
         for fallback in (_mass_cap, _full_cap):
             if bool(exact.all()):
@@ -195,11 +205,23 @@ class Diagnostics:
             redo = block[~exact]
             views = [view.select(torch.isin(view.rows, redo)) for view in views]
             views = [view for view in views if len(view.rows)]
-            hist = _MassHistogram(redo, fallback(views, redo, mass, log_norm), log_norm)
+            hist = _MassHistogram(redo, fallback(views, redo, mass, log_norm, sync), log_norm)
             for view in views:
                 self._scan_class(view, sigma, None, hist)
-            counts[~exact], exact[~exact] = hist.counts(mass)
+            counts[~exact], exact[~exact] = hist.counts(mass, sync)
         return counts
+
+
+class Local:
+    """The reductions of :meth:`Diagnostics.scan` in one process: none."""
+
+    @staticmethod
+    def max(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    @staticmethod
+    def sum(t: torch.Tensor) -> torch.Tensor:
+        return t
 
 
 def patch_diagnostics(grid, log_norm, stratum, sigma, n_train, terms, mass_count):
@@ -297,9 +319,11 @@ class _MassHistogram:
         self.mass.view(-1).scatter_add_(0, index, weight)
         self.count.view(-1).scatter_add_(0, index, counts)
 
-    def counts(self, mass: float):
-        """``(mass counts, exact)``: exact where the bins up to ``cap`` hold ``mass``."""
-        counts, reached = _count_from_histogram(self.mass, self.count, mass)
+    def counts(self, mass: float, sync):
+        """``(mass counts, exact)`` of the histograms summed by ``sync``: exact where the
+        bins up to ``cap`` hold ``mass``."""
+        total, count = sync.sum(self.mass), sync.sum(self.count)
+        counts, reached = _count_from_histogram(total, count, mass)
         return counts, (reached <= self.cap) | (self.cap == _N_BINS - 1)
 
 
@@ -327,17 +351,18 @@ def _mass_guess(views, rows, mass, log_norm):
     return guess.clamp_(0, _N_BINS - 1)
 
 
-def _full_cap(views, rows, mass, log_norm):
+def _full_cap(views, rows, mass, log_norm, sync=None):
     """The last bin for every query: the whole histogram."""
     return torch.full_like(rows, _N_BINS - 1)
 
 
-def _mass_cap(views, rows, mass, log_norm):
+def _mass_cap(views, rows, mass, log_norm, sync=None):
     """Per query of ``rows``: a bin ``cap`` such that the terms in bins ``<= cap`` provably
     hold ``(1 + mass)/2 >= mass`` of the weight (the last bin where none is found).
 
     Bisection in ``log t`` of ``Σ_g max(0, W_g - C_g t)`` (group weights ``W_g``, relative,
-    and counts ``C_g``), a lower bound on the weight of the terms of weight ``>= t``.
+    and counts ``C_g``; summed over the shards by ``sync``), a lower bound on the weight
+    of the terms of weight ``>= t``.
     """
     target = (1 + mass) / 2
     parts = [
@@ -351,7 +376,7 @@ def _mass_cap(views, rows, mass, log_norm):
         for (slot, weight), view in zip(parts, views, strict=True):
             count = view.cls.log_mass.exp()
             held.index_add_(0, slot, (weight - count * mid[slot, None].exp()).clamp_(min=0).sum(1))
-        ok = held >= target
+        ok = (sync or Local()).sum(held) >= target
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
     return (-lo / MASS_BIN).floor().long().clamp_(max=_N_BINS - 1)
 
