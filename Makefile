@@ -86,9 +86,14 @@ unit: $(STAMP)
 	$(BIN)/pytest tests --ignore=tests/book --durations=10
 
 # The networks of the book and their evaluations, trained once with a progress bar per run,
-# before the notebooks (which then load them): `python -m lemmse_core.experiments run`.
+# before the notebooks (which then load them): `python -m lemmse_core.experiments run` under
+# torchrun, one process per GPU, else RUNS_PROCS (default 2) processes sharing the cores:
+# on a CPU two runs at once go faster than one on two threads (benchmarks/README.md).
+RUNS_PROCS ?= 2
+
 runs: $(STAMP)
-	LEMMSE_PROGRESS=1 $(PY) -m lemmse_core.experiments run
+	@read -r procs threads < <($(PY) -c 'import os, torch; 		n = torch.cuda.device_count() or $(RUNS_PROCS); print(n, max(1, (os.cpu_count() or 1) // n))'); 	echo "make runs: $$procs processes of $$threads threads"; 	LEMMSE_PROGRESS=1 OMP_NUM_THREADS=$$threads $(BIN)/torchrun --standalone \
+		--nproc-per-node=$$procs -m lemmse_core.experiments run
 
 nbval: $(STAMP) runs
 	$(PY) scripts/nbval_toc.py

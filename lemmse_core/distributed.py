@@ -42,7 +42,7 @@ from .lemmse.diagnostics import Diagnostics, _TopK, patch_diagnostics
 from .patches import extract_patches
 
 _IMAGES = 64  # training images per block of the fingerprints of the top terms
-_QUERIES = 256  # queries per block of the merge of the top terms
+_PAIRS = 2**24  # (query, term, term, fingerprint entry) comparisons per block of the merge
 
 __all__ = ["e_mmse", "le_mmse", "mmse"]
 
@@ -187,8 +187,9 @@ def _distinct_top(found, k, n_train, width):
     they differ by rounding only); missing terms have weight and count 0."""
     log_w, counts, image, flat, fp = found
     parts = [(log_w[:0, :k], counts[:0, :k], counts[:0, :k])]  # (0, k), also for k = 0
-    for q0 in range(0, len(log_w) if k else 0, _QUERIES):
-        q = slice(q0, q0 + _QUERIES)
+    step = max(1, _PAIRS // max(1, fp.shape[1] ** 2 * fp.shape[2]))
+    for q0 in range(0, len(log_w) if k else 0, step):
+        q = slice(q0, q0 + step)
         real = log_w[q] > -torch.inf
         same = (fp[q, :, None] == fp[q, None, :]).all(dim=-1)
         same &= real[:, :, None] & real[:, None, :]

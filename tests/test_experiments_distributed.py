@@ -45,11 +45,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_shares_keep_specs_that_share_files_together():
-    two = distribute.shares(SPECS, 2)
-    assert two == [SPECS[:2], SPECS[2:]]
-    assert distribute.shares(SPECS, 3) == [SPECS[:2], SPECS[2:], []]
-    assert distribute.shares(SPECS, 1) == [SPECS]
+def test_parts_keep_specs_that_share_files_together():
+    assert distribute.parts(SPECS) == [SPECS[:2], SPECS[2:]]
+    assert distribute.parts(SPECS[::-1]) == [SPECS[1::-1], SPECS[2:]]  # largest first
+    assert distribute.parts(SPECS[2:]) == [SPECS[2:]]
 
 
 @needs("fashionmnist")

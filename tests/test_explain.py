@@ -120,6 +120,23 @@ def test_explain_a_one_argument_zero_padded_net():
     assert list(out.table["split"]) == ["test", "test"] and len(out.maps) == 2
 
 
+@pytest.mark.parametrize("name", nets.NETS)
+def test_explain_every_package_net(name):
+    """The report of each network of the package (tiny preset, untrained, float32 as
+    trained): the book's are local at their p and equivariant; the chapter's are not."""
+    torch.manual_seed(0)
+    net = nets.build(name, 5).eval()
+    out = explain(net, TRAIN.float(), Denoising(), sigmas=0.2, images={"test": images(1, 8)})
+    assert out.field.exact and out.patch_size == out.receptive_field
+    assert len(out.table) == 1 and out.table.notna().all(axis=None)
+    if name in nets.LOCAL_NETS:
+        assert out.receptive_field == 5
+        assert out.equivariance.verdict == "equivariant (to rounding)"
+    else:
+        assert out.receptive_field > 5 if name == "stridedunet" else out.receptive_field == 5
+        assert not out.equivariance.verdict.startswith("equivariant (to")
+
+
 def test_the_formula_as_a_network_is_explained_exactly(report):
     assert report.receptive_field == 5 and report.field.exact
     assert report.equivariance_error < 1e-4

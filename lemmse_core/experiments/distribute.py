@@ -1,10 +1,12 @@
 """The experiment grid over the ranks of ``torchrun``: each rank trains and evaluates its
 share of the specs on its own device, then rank 0 gathers the table.
 
-Specs that share a network run or a formula cache file go to the same rank (connected
-components of that relation), so no two processes ever write the same file; components
-go, largest first, to the rank with the fewest specs. Every run stays resumable, and the
-table is the one a single process writes (it is read back from the caches).
+Specs that share a network run or a formula cache file form one *part* (connected
+components of that relation), so no two processes ever write the same file. The ranks
+claim the parts, largest first, from a counter in the process group's store (the
+``torchrun`` rendezvous): a rank that finishes early takes the next part, so the ranks
+stay busy whatever each part costs. Every run stays resumable, and the table is the one
+a single process writes (it is read back from the caches).
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from .spec import Spec
 
 #: How long a rank waits for the others (training a paper-scale share takes hours).
 TIMEOUT = datetime.timedelta(days=7)
+_COUNTER = "lemmse/grid/claimed"  # the store's key of the parts claimed so far
 
 
-def shares(specs: list[Spec], world: int) -> list[list[Spec]]:
-    """``world`` lists of specs (grid order within each): a partition of ``specs`` in
-    which specs sharing a run folder or a formula cache are on the same rank."""
+def parts(specs: list[Spec]) -> list[list[Spec]]:
+    """A partition of ``specs`` in which specs sharing a run folder or a formula cache are
+    in the same part: the largest parts first, grid order within each and among equals."""
     parent = list(range(len(specs)))
 
     def root(i: int) -> int:
@@ -42,10 +45,8 @@ def shares(specs: list[Spec], world: int) -> list[list[Spec]]:
     components: dict[int, list[int]] = {}
     for i in range(len(specs)):
         components.setdefault(root(i), []).append(i)
-    ranks: list[list[int]] = [[] for _ in range(world)]
-    for members in sorted(components.values(), key=lambda m: (-len(m), m[0])):
-        min(ranks, key=len).extend(members)
-    return [[specs[i] for i in sorted(members)] for members in ranks]
+    ordered = sorted(components.values(), key=lambda m: (-len(m), m[0]))
+    return [[specs[i] for i in members] for members in ordered]
 
 
 def _files(spec: Spec) -> list[str]:
@@ -74,10 +75,11 @@ def run_grid(
         write_table(_run_specs(specs, root, device, progress, ""))
         return 0
     device = _init(device)
-    rank = dist.get_rank()
-    mine, error = shares(specs, world)[rank], None
+    rank, error = dist.get_rank(), None
     try:
-        _run_specs(mine, root, device, progress, f"rank {rank}: ")
+        todo = parts(specs)
+        for i in _claims(len(todo)):
+            _run_specs(todo[i], root, device, progress, f"rank {rank}, part {i + 1}/{len(todo)}: ")
     except Exception as exc:  # the other ranks must not wait for this one forever
         error = exc
     failed = torch.tensor([float(error is not None)], device=device)
@@ -96,6 +98,17 @@ def run_grid(
         return 0
     finally:
         dist.destroy_process_group()
+
+
+def _claims(n: int):
+    """The indices in ``range(n)`` that this rank claims, one at a time, from a counter in
+    the default process group's store that every rank increments (reset by rank 0 first)."""
+    store = dist.distributed_c10d._get_default_store()  # the rendezvous store of the group
+    if dist.get_rank() == 0:
+        store.delete_key(_COUNTER)
+    dist.barrier()
+    while (i := store.add(_COUNTER, 1) - 1) < n:
+        yield i
 
 
 def _init(device):
