@@ -156,16 +156,19 @@ def _found_terms(top, k, log_norm, offset, local, train_shard, A, p):
         log_w = top.values - log_norm[:, None]
         _, counts, image, location = top.result(log_norm, train_shard.shape[0], w)
         flat = location[..., 0] * w + location[..., 1]
-        fp = _fingerprints(train_shard, A, local["engine"].B, p, image, flat, log_w > -torch.inf)
+        fp = _fingerprints(train_shard, A, local["engine"], p, image, flat, log_w > -torch.inf)
         image = image + offset
     return log_w, counts, image, flat, fp
 
 
-def _fingerprints(train, A, B, p, image, flat, found):
-    """``(Q, k, 1 + C p² + C)``: the class label, the patch ``Π_n B A x_k`` and the centre
-    pixel ``x_k[n]`` of each term ``found`` (zeros elsewhere): equal rows, one term."""
-    c = train.shape[1]
-    labels = B.patch_classes(tuple(train.shape[1:]), p).to(train.device).double()
+def _fingerprints(train, A, engine, p, image, flat, found):
+    """``(Q, k, 1 + C p² + C)``: the class (of ``engine``), the patch ``Π_n B A x_k`` and the
+    centre pixel ``x_k[n]`` of each term ``found`` (zeros elsewhere): equal rows, one term."""
+    c, B = train.shape[1], engine.B
+    labels = torch.zeros(train.shape[-2] * train.shape[-1], dtype=torch.float64)
+    for i, cls in enumerate(engine.classes):
+        labels[cls.locations.cpu()] = i
+    labels = labels.to(train.device)
     out = torch.zeros((*image.shape, 1 + c * p * p + c), dtype=torch.float64, device=train.device)
     qi, ki = torch.nonzero(found, as_tuple=True)
     which, inverse = torch.unique(image[qi, ki], return_inverse=True)

@@ -23,6 +23,21 @@ _BISECTIONS = 12  # steps of the search for the histogram's cap (51 nats / 4096)
 _GUESS_BINS = 3  # margin of the guessed cap of the histogram (bins)
 
 
+class Local:
+    """The reductions of :meth:`Diagnostics.scan` in one process: none."""
+
+    @staticmethod
+    def max(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    @staticmethod
+    def sum(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+LOCAL = Local()
+
+
 @dataclass
 class PatchDiagnostics:
     """Per-pixel diagnostics of the LE-MMSE, from the pass that computes it.
@@ -83,19 +98,18 @@ class Diagnostics:
         flat, _, log_norm = self.engine.run(u, active, sigma, 0.0, chunk_size, progress, records)
         return flat, log_norm, self.scan(records, u, sigma, log_norm, top, mass, progress)
 
-    def scan(self, records, u, sigma, log_norm, top, mass, progress, sync=None):
+    def scan(self, records, u, sigma, log_norm, top, mass, progress, sync=LOCAL):
         """Fills ``top`` and returns the mass counts (``None`` without ``mass``) of the
         queries ``u``, from the ``records`` of the estimate pass and the log-normaliser
         ``log_norm``: explicit per-term log-weights only for the groups whose bounds let
         them matter (THEORY.md items 8, 9), the same values as if every term were listed.
 
-        ``sync`` (:class:`Local` by default) reduces the histogram caps (max) and sums
+        ``sync`` (:data:`LOCAL` by default: none) reduces the histogram caps (max) and sums
         (sum) over the shards of :mod:`lemmse_core.distributed`, where ``log_norm`` is that
         of the union and every shard, even an empty one (no records), calls this.
         """
         if top.k == 0 and mass is None:
             return None
-        sync = sync or Local()
         classes, top = _by_class(records), top if top.k else None
         counts = torch.zeros(len(log_norm), dtype=torch.long, device=log_norm.device)
         blocks = range(0, len(log_norm), _DIAG_QUERIES)
@@ -210,18 +224,6 @@ class Diagnostics:
                 self._scan_class(view, sigma, None, hist)
             counts[~exact], exact[~exact] = hist.counts(mass, sync)
         return counts
-
-
-class Local:
-    """The reductions of :meth:`Diagnostics.scan` in one process: none."""
-
-    @staticmethod
-    def max(t: torch.Tensor) -> torch.Tensor:
-        return t
-
-    @staticmethod
-    def sum(t: torch.Tensor) -> torch.Tensor:
-        return t
 
 
 def patch_diagnostics(grid, log_norm, stratum, sigma, n_train, terms, mass_count):
@@ -351,12 +353,12 @@ def _mass_guess(views, rows, mass, log_norm):
     return guess.clamp_(0, _N_BINS - 1)
 
 
-def _full_cap(views, rows, mass, log_norm, sync=None):
+def _full_cap(views, rows, mass, log_norm, sync=LOCAL):
     """The last bin for every query: the whole histogram."""
     return torch.full_like(rows, _N_BINS - 1)
 
 
-def _mass_cap(views, rows, mass, log_norm, sync=None):
+def _mass_cap(views, rows, mass, log_norm, sync=LOCAL):
     """Per query of ``rows``: a bin ``cap`` such that the terms in bins ``<= cap`` provably
     hold ``(1 + mass)/2 >= mass`` of the weight (the last bin where none is found).
 
@@ -376,7 +378,7 @@ def _mass_cap(views, rows, mass, log_norm, sync=None):
         for (slot, weight), view in zip(parts, views, strict=True):
             count = view.cls.log_mass.exp()
             held.index_add_(0, slot, (weight - count * mid[slot, None].exp()).clamp_(min=0).sum(1))
-        ok = (sync or Local()).sum(held) >= target
+        ok = sync.sum(held) >= target
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
     return (-lo / MASS_BIN).floor().long().clamp_(max=_N_BINS - 1)
 
