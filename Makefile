@@ -91,8 +91,13 @@ unit: $(STAMP)
 # on a CPU two runs at once go faster than one on two threads (benchmarks/README.md).
 RUNS_PROCS ?= 2
 
+RUNS_LAYOUT = import os, torch; n = torch.cuda.device_count() or $(RUNS_PROCS); \
+	print(n, max(1, (os.cpu_count() or 1) // n))
+
 runs: $(STAMP)
-	@read -r procs threads < <($(PY) -c 'import os, torch; 		n = torch.cuda.device_count() or $(RUNS_PROCS); print(n, max(1, (os.cpu_count() or 1) // n))'); 	echo "make runs: $$procs processes of $$threads threads"; 	LEMMSE_PROGRESS=1 OMP_NUM_THREADS=$$threads $(BIN)/torchrun --standalone \
+	@read -r procs threads < <($(PY) -c '$(RUNS_LAYOUT)'); \
+	echo "make runs: $$procs processes of $$threads threads"; \
+	LEMMSE_PROGRESS=1 OMP_NUM_THREADS=$$threads $(BIN)/torchrun --standalone \
 		--nproc-per-node=$$procs -m lemmse_core.experiments run
 
 nbval: $(STAMP) runs
